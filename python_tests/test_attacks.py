@@ -262,6 +262,48 @@ def test_attacks_give_the_same_bits_at_any_thread_count(name, norm):
         assert_verbose_equal(run, runs[0], f"{name} {norm} at {count} threads")
 
 
+@pytest.mark.parametrize("attack", ["fab-linf", "fab-l2", "fab-l1", "square-l2"])
+def test_fab_and_square_l2_give_the_same_bits_at_any_thread_count_on_one_sample(attack):
+    """ATen sums a reduction to one value (one sample's row of more than 32768 values) by splitting it between
+    threads: FAB's hyperplane offsets and distances and Square-L2's window norms on a one-sample batch moved with the
+    thread count (1 x 3 x 112 x 112 through a small CNN: FAB-Linf by 4.2e-7, FAB-L2 by 3.6e-7, Square-L2 by 6.6e-6
+    between 1 and 2 threads). They sum through sum_at_any_thread_count now, one thread's bits at any count (found by
+    the attacks5 helper). A model without convolutions: torch's one-sample convolution may split its sums too."""
+    from robust_ops.attacks.core import sum_at_any_thread_count
+
+    torch.manual_seed(0)
+    head = nn.Linear(48, 3)
+    head.weight.data.mul_(30)  # boundaries within eps
+    model = nn.Sequential(nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(4), nn.Flatten(), head).eval()
+    x = torch.rand(1, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    y = model(x).argmax(1)
+    name, norm = attack.split("-")
+    eps = {"linf": 0.1, "l2": 10.0, "l1": 3000.0}[norm]
+    run = {"fab": lambda: attacks.fab(model, x, y, eps=eps, steps=5, norm=norm, generator=torch.Generator()),
+           "square": lambda: attacks.square(model, x, y, eps=eps, n_queries=30, norm=norm,
+                                            generator=torch.Generator().manual_seed(0))}[name]
+    threads = torch.get_num_threads()
+    runs, sums = [], []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            runs.append(run())
+            sums.append(sum_at_any_thread_count(x.flatten(1), 1))
+            one = sum_at_any_thread_count(x, (-3, -2, -1), keepdim=True)
+            assert one.shape == (1, 1, 1, 1) and torch.equal(one.flatten(), sums[-1])
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(runs[0], x)
+    for count, (points, total) in zip((2, 3), list(zip(runs, sums))[1:]):
+        assert_verbose_equal(points, runs[0], f"{attack} at {count} threads")
+        assert torch.equal(total, sums[0]), count
+    torch.set_num_threads(1)
+    try:  # one thread: the plain sum's bits
+        assert torch.equal(sum_at_any_thread_count(x.flatten(1), 1), x.flatten(1).sum(1))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name,norm", CASES)
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_model_state_restored(name, norm, mode):

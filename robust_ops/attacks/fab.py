@@ -24,7 +24,8 @@ from .base import Attack, norm_first_hint, refuse_positional_options
 from .context import (attack_context, check_gradients_possible, check_inputs, check_not_half, is_single_logit,
                       predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_budget, check_linf_budget, check_norm, check_steps, clean_logits,
-                   finite_direction, forward, per_sample, refuse_targeted, runner_up_targets)
+                   finite_direction, forward, per_sample, refuse_targeted, runner_up_targets,
+                   sum_at_any_thread_count)
 from .pgd import check_seed, make_generator
 
 # "no adversarial found yet" as the reference writes it: any real distance is smaller
@@ -38,7 +39,7 @@ def projection_linf(points, w, b):
     the optimal displacement is ``+-lambda`` clipped to the box, with lambda found by sorting the coordinates by the
     ``lambda`` at which they hit the box and bisecting over that order, for every row at once."""
     t, w, b = points, w.clone(), b.clone()
-    sign = 2 * ((w * t).sum(1) - b >= 0) - 1
+    sign = 2 * (sum_at_any_thread_count(w * t, 1) - b >= 0) - 1
     w.mul_(sign.unsqueeze(1))
     b.mul_(sign)
 
@@ -46,8 +47,8 @@ def projection_linf(points, w, b):
     d = (a - t) * (w != 0).to(t.dtype)
     p = a - t * (2 * a - 1)
     indp = torch.argsort(p, dim=1)
-    b = b - (w * t).sum(1)
-    b0 = (w * d).sum(1)
+    b = b - sum_at_any_thread_count(w * t, 1)
+    b0 = sum_at_any_thread_count(w * d, 1)
 
     indp2 = indp.flip((1,))
     ws = w.gather(1, indp2)
@@ -86,7 +87,7 @@ def projection_l2(points, w, b):
     clipped to the box; the coordinates are sorted by the ``lambda`` at which they hit it and the right ``lambda``
     found by bisection, for every row at once."""
     t, w = points, w.clone()
-    c = (w * t).sum(1) - b
+    c = sum_at_any_thread_count(w * t, 1) - b
     ind2 = 2 * (c >= 0) - 1
     w.mul_(ind2.unsqueeze(1))
     c.mul_(ind2)
@@ -100,14 +101,14 @@ def projection_l2(points, w, b):
     rs2.masked_fill_(rs2 == 1e12, 0)
 
     w3s = (w ** 2).gather(1, indr)
-    w5 = w3s.sum(dim=1, keepdim=True)
+    w5 = sum_at_any_thread_count(w3s, 1, keepdim=True)
     ws = w5 - torch.cumsum(w3s, dim=1)
     d = -(r * w)
     d.mul_((w.abs() > 1e-8).to(t.dtype))
     s = torch.cat((-w5 * rs[:, 0:1], torch.cumsum((-rs2 + rs) * ws, dim=1) - w5 * rs[:, 0:1]), 1)
 
     c4 = s[:, 0] + c < 0
-    c3 = (d * w).sum(dim=1) + c > 0
+    c3 = sum_at_any_thread_count(d * w, 1) + c > 0
     # rows of each case found once (as projection_linf)
     rows_4, rows_2 = c4.nonzero().squeeze(1), (~(c4 | c3)).nonzero().squeeze(1)
     lb = torch.zeros(rows_2.numel(), device=t.device)
@@ -137,7 +138,7 @@ def projection_l1(points, w, b):
     ``1 / |w|``, the first ones (found by bisection on the cumulative reach) are moved to the box and the last one
     covers the rest of the distance to the hyperplane, for every row at once."""
     t, w = points, w.clone()
-    c = (w * t).sum(1) - b
+    c = sum_at_any_thread_count(w * t, 1) - b
     ind2 = 2 * (c >= 0) - 1
     w.mul_(ind2.unsqueeze(1))
     c.mul_(ind2)
@@ -186,14 +187,14 @@ def project_onto_boundary(points, w, b, norm, clip_min, clip_max):
     if clip_min == 0.0 and clip_max == 1.0:
         return PROJECTIONS[norm](points, w, b)
     # w . (lo + width * t') = b  <=>  (width * w) . t' = b - lo * sum(w); the displacement scales back by width
-    d = PROJECTIONS[norm]((points - clip_min) / width, w * width, b - clip_min * w.sum(1))
+    d = PROJECTIONS[norm]((points - clip_min) / width, w * width, b - clip_min * sum_at_any_thread_count(w, 1))
     return d * width
 
 
 def _norm_rows(d, norm):
     if norm == "l1":
-        return d.abs().sum(1)
-    return d.abs().amax(1) if norm == "linf" else (d ** 2).sum(1).sqrt()
+        return sum_at_any_thread_count(d.abs(), 1)
+    return d.abs().amax(1) if norm == "linf" else sum_at_any_thread_count(d ** 2, 1).sqrt()
 
 
 def _in_range(df, dg):
@@ -276,10 +277,10 @@ def _random_start(x, eps_t, norm, clip_min, clip_max, generator):
         x1 = x + radius * t / t.reshape(n, -1).abs().amax(1).view(view) * 0.5
     elif norm == "l2":
         t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x1 = x + radius * t / (t ** 2).reshape(n, -1).sum(-1).sqrt().view(view) * 0.5
+        x1 = x + radius * t / sum_at_any_thread_count((t ** 2).reshape(n, -1), -1).sqrt().view(view) * 0.5
     else:
         t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x1 = x + radius * t / t.abs().reshape(n, -1).sum(-1).view(view) / 2
+        x1 = x + radius * t / sum_at_any_thread_count(t.abs().reshape(n, -1), -1).view(view) / 2
     return x1.clamp(clip_min, clip_max)
 
 
@@ -305,11 +306,12 @@ def _fab_run(model, x, y, target, eps_t, norm, steps, alpha_max, eta, beta, clip
             if norm == "l1":
                 dual = dg.abs().amax(-1)
             else:
-                dual = dg.abs().sum(-1) if norm == "linf" else (dg ** 2).sum(-1).sqrt()
+                dual = (sum_at_any_thread_count(dg.abs(), -1) if norm == "linf" else
+                        sum_at_any_thread_count(dg ** 2, -1).sqrt())
             closest = (df.abs() / (1e-12 + dual)).min(dim=1)[1]
             w = dg[rows, closest]
             x1_flat = x1.reshape(n, -1)
-            b = -df[rows, closest] + (w * x1_flat).sum(-1)
+            b = -df[rows, closest] + sum_at_any_thread_count(w * x1_flat, -1)
             # project the iterate and the original point in one batch, as the reference
             d = project_onto_boundary(torch.cat((x1_flat, x0), 0), torch.cat((w, w), 0), torch.cat((b, b), 0),
                                       norm, clip_min, clip_max)

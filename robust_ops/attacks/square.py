@@ -12,7 +12,7 @@ from .base import Attack, norm_first_hint, refuse_positional_options
 from .context import (attack_context, best_other_logit, check_inputs, check_not_half, classification_loss,
                       is_single_logit, two_logits)
 from .core import (FIRST_FORWARD, check_budget, check_labels_against, check_linf_budget, check_linf_step_resolution,
-                   check_norm, check_steps, forward, per_sample, succeeded)
+                   check_norm, check_steps, forward, per_sample, succeeded, sum_at_any_thread_count)
 from .pgd import check_seed, make_generator
 
 
@@ -111,7 +111,7 @@ def _rectangles(rows, cols, dtype, device):
     for k in range(max(rows // 2 + 1, cols // 2 + 1)):
         delta[max(top - k, 0):min(top - k + 2 * k + 1, rows), max(left - k, 0):min(left - k + 2 * k + 1, cols)] += (
             1.0 / torch.tensor([k + 1.0], dtype=dtype, device=device).view(1, 1) ** 2)
-    return delta / (delta ** 2).sum(dim=(0, 1), keepdim=True).sqrt()
+    return delta / sum_at_any_thread_count(delta ** 2, (0, 1), keepdim=True).sqrt()
 
 
 def pseudo_gaussian_window(side, dtype=torch.float32, device=None):
@@ -121,7 +121,7 @@ def pseudo_gaussian_window(side, dtype=torch.float32, device=None):
     window = torch.zeros(side, side, dtype=dtype, device=device)
     window[:side // 2] = _rectangles(side // 2, side, dtype, device)
     window[side // 2:] = -_rectangles(side - side // 2, side, dtype, device)
-    return window / (window ** 2).sum(dim=(0, 1), keepdim=True).sqrt()
+    return window / sum_at_any_thread_count(window ** 2, (0, 1), keepdim=True).sqrt()
 
 
 def _oriented_windows(window, count, generator):
@@ -182,14 +182,15 @@ def _l2_proposal(x_cur, x_best_cur, eps_cur, window, clip_min, clip_max, generat
 
     delta_last = delta.permute(0, 2, 3, 1)  # channels last: a window is delta_last[first] of shape [m, s, s, c]
     old = delta_last[first].permute(0, 3, 1, 2)
-    old_norm = (old ** 2).sum(dim=(-2, -1), keepdim=True).sqrt()
-    image_norm = (delta ** 2).flatten(1).sum(1).sqrt()
-    windows_norm = ((delta * torch.maximum(mask(top, left), mask(top_2, left_2))) ** 2).flatten(1).sum(1).sqrt()
+    old_norm = sum_at_any_thread_count(old ** 2, (-2, -1), keepdim=True).sqrt()
+    image_norm = sum_at_any_thread_count((delta ** 2).flatten(1), 1).sqrt()
+    windows = delta * torch.maximum(mask(top, left), mask(top_2, left_2))
+    windows_norm = sum_at_any_thread_count((windows ** 2).flatten(1), 1).sqrt()
     new = _oriented_windows(window, m, generator)[:, None]
     new = new * rand_sign((m, c, 1, 1)) + old / (1e-12 + old_norm)
     # per channel: the mass the two windows held, plus what the eps budget leaves free, shared over the channels
     mass = ((eps_cur ** 2 - image_norm ** 2).clamp_min(0) / c + windows_norm ** 2).sqrt()
-    new = new / (1e-12 + (new ** 2).sum(dim=(-2, -1), keepdim=True).sqrt()) * mass[:, None, None, None]
+    new = new / (1e-12 + sum_at_any_thread_count(new ** 2, (-2, -1), keepdim=True).sqrt()) * mass[:, None, None, None]
     delta_last = delta_last.clone()
     delta_last[second] = 0.0
     delta_last[first] = new.permute(0, 2, 3, 1)
