@@ -2166,6 +2166,40 @@ def test_a_defense_reads_a_0d_tensor_eps_or_step_size_as_its_value_as_the_attack
         defenses.build(name, eps=torch.tensor(-0.5))
 
 
+def test_the_attacks_alpha_given_to_a_defense_and_step_size_to_an_attack_name_the_right_keyword():
+    """alpha (the attacks' step) and step_size (the defenses') are kept apart, but AT(alpha=0.01) only listed AT's
+    options, PGD(model, step_size=0.01) PGD's, and a defense's attack(model, x, y, step_size=0.01) failed with
+    run_pgd's bare "unexpected keyword argument 'step_size'": each names the right keyword now. SAT's, MIRST's and
+    DPAAT's alpha is their loss weight, taken; IMA has no step (found by the attacks5 helper)."""
+    from robust_ops.attacks import BIM, CW, PGD, PGDL2
+
+    hint = r" \(alpha: the attack's step is called step_size here, alpha in the attacks\)$"
+    for name in ("at", "trades", "mart", "fat", "amat", "llr", "rst", "arfl"):
+        with pytest.raises(ValueError, match=rf"^{name}: unknown option 'alpha'; it takes .*step_size.*{hint}"):
+            defenses.build(name, alpha=0.01)
+    with pytest.raises(ValueError, match=r"^AT: unknown option 'alpha'; it takes eps, step_size, .*" + hint):
+        defenses.AT(alpha=0.01)
+    assert defenses.build("sat", alpha=0.5).alpha == 0.5
+    with pytest.raises(ValueError, match=r"^ima: unknown option 'alpha'; it takes [^()]*$"):
+        defenses.build("ima", alpha=0.01)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    x, y = torch.rand(2, 3, 2, 2), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match=r"^at: attack\(\) takes run_pgd's keywords, where the step is alpha "
+                                        r"\(step_size is this defense's option for it\): pass alpha=0.01$"):
+        defenses.build("at").attack(model, x, y, step_size=0.01)
+    defenses.build("at").attack(model, x, y, alpha=0.01)
+    step = r" \(step_size: the step is called alpha here, step_size in the defenses\)$"
+    for cls in (PGD, PGDL2, BIM, CW):
+        with pytest.raises(ValueError, match=rf"^{cls.__name__}: unknown option 'step_size'; it takes eps, alpha, "
+                                             rf".*{step}"):
+            cls(model, step_size=0.01)
+    with pytest.raises(ValueError, match=r"^attacks.build: pgd: unknown option 'step_size'; it takes eps, alpha, "
+                                         r".*" + step):
+        attacks.build("pgd", model, step_size=0.01)
+    with pytest.raises(ValueError, match=r"^APGD: unknown option 'step_size'; it takes [^()]*$"):  # no step to name
+        attacks.APGD(model, step_size=0.01)
+
+
 @pytest.mark.parametrize("name", ["amat", "dpaat"])
 def test_amat_and_dpaat_name_an_eps_that_is_not_a_number(name):
     """Their step default eps / 2 was computed before eps was checked: eps="0.3" (a --defense-opt typo) failed as

@@ -8,6 +8,7 @@ Attack subclass's dotted import path, package.module.Class).
 
 from .._import_path import PATH_HINT, class_from_path, is_import_path
 from .._options import check_options
+from . import base
 from .base import Attack
 from .context import (InputDeviceError, InputDtypeError, InputShapeError, NonFiniteInputError, NonFiniteOutputError,
                       Normalized, OneSampleBatchNormError, attack_context)
@@ -76,5 +77,5 @@ def build(name, model, **kwargs):
         if STEPS_ALIAS[name] in kwargs:  # one would silently replace the other
             raise ValueError(f"attacks.build: {name}: steps means {STEPS_ALIAS[name]} here; give one of them, not both")
         kwargs[STEPS_ALIAS[name]] = kwargs.pop("steps")
-    check_options(f"attacks.build: {name}", cls, kwargs, getattr(cls, "_FOREIGN_OPTIONS", None))
+    check_options(f"attacks.build: {name}", cls, kwargs, base.option_hints(cls))
     return cls(model, **{**defaults, **kwargs})

@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from .._options import check_flags, check_options, check_real
+from .._options import accepted_options, check_flags, check_options, check_real
 from .context import (_NO_LABELS, MODEL_MODES, attack_context, check_class_labels, check_inputs, check_model,
                       is_single_logit, two_logits)
 from .core import NORMS, check_labels_against, forward, labels_made_by
@@ -45,6 +45,21 @@ def norm_first_hint(cls_name):
 
 # APGDT's and AutoAttack's hint for torchattacks' n_classes (both refuse it with this text)
 N_CLASSES_HINT = "torchattacks' n_classes=K is n_target_classes=K - 1 here"
+
+
+
+# the defenses' name for the attack's step (AT(step_size=...)), given to an attack class that calls it alpha
+STEP_SIZE_HINT = "the step is called alpha here, step_size in the defenses"
+
+
+def option_hints(cls):
+    """The ways check_options names for options ``cls`` does not take: torchattacks' (``_FOREIGN_OPTIONS``), and for
+    a class with a step ``alpha`` the defenses' ``step_size`` (PGD(model, step_size=0.01) listed the options
+    only)."""
+    hints = dict(getattr(cls, "_FOREIGN_OPTIONS", None) or {})
+    if "alpha" in accepted_options(cls):
+        hints.setdefault("step_size", STEP_SIZE_HINT)
+    return hints
 
 
 class Attack:
@@ -115,7 +130,7 @@ class Attack:
         if positional:  # Python's own error ("takes 2 positional arguments but 3 were given") said nothing of the fix
             _refuse_positional(type(self).__name__, model, positional)
         if unknown:  # Python's own error named Attack.__init__, not the class called, and listed nothing
-            check_options(type(self).__name__, type(self), unknown, type(self)._FOREIGN_OPTIONS)
+            check_options(type(self).__name__, type(self), unknown, option_hints(type(self)))
         check_model(type(self).__name__, model)
         self.model = model
         self.targeted = False

@@ -10,7 +10,7 @@ import importlib
 
 from .._import_path import PATH_HINT, class_from_path, is_import_path
 from .._options import check_options
-from ._common import PGDDefense, unwrap  # noqa: F401  (for your own defense: docs/defenses/index.md)
+from ._common import PGDDefense, option_hints, unwrap  # noqa: F401  (for your own defense: docs/defenses/index.md)
 from .adaptive import AMAT, DPAAT, synchronization_loss  # noqa: F401
 from .adversarial import AT, FAT, RST, SAT, Standard  # noqa: F401
 from .arfl import ARFL, robust_feature_loss  # noqa: F401
@@ -77,5 +77,5 @@ def build(name, **kwargs):
     arfl) or your own class's dotted import path (package.module.Class, a Defense subclass) with its papers' defaults,
     overridden by ``kwargs``; unknown names and options raise ValueError listing the known ones."""
     cls = defense_class(name)
-    check_options(name, cls, kwargs)
+    check_options(name, cls, kwargs, option_hints(cls))
     return cls(**kwargs)

@@ -88,6 +88,20 @@ def kl_per_sample(log_p, log_q):
     return (log_p.exp() * (log_p - log_q)).sum(1)
 
 
+# the attacks' name for the step (PGD(model, alpha=...)), given to a defense that calls it step_size
+ALPHA_HINT = "the attack's step is called step_size here, alpha in the attacks"
+
+
+def option_hints(cls):
+    """The ways check_options names for options ``cls`` does not take: for a defense with a ``step_size`` and no
+    ``alpha`` of its own (SAT's, MIRST's and DPAAT's alpha is a loss weight), the attacks' ``alpha``
+    (AT(alpha=0.01) listed the options only). None where there is none."""
+    from .._options import accepted_options
+
+    accepted = accepted_options(cls)
+    return {"alpha": ALPHA_HINT} if "step_size" in accepted and "alpha" not in accepted else None
+
+
 class PGDDefense(Defense):
     """A defense that crafts adversarial examples with run_pgd. Attack settings (all keyword arguments):
 
@@ -111,7 +125,7 @@ class PGDDefense(Defense):
         from ..attacks.core import check_linf_budget, check_norm, check_number, check_step_moves, scalar_value
 
         if unknown:  # Python's own TypeError named PGDDefense.__init__, not the defense built, and listed nothing
-            check_options(type(self).__name__, type(self), unknown)
+            check_options(type(self).__name__, type(self), unknown, option_hints(type(self)))
         n = self.name
         # the attacks' rule and words ('at: expected eps >= 0 and finite, got -0.1'), a number or a 0-d tensor
         self.eps = check_number(n, "eps", scalar_value(n, "eps", self.default_eps if eps is None else eps), n=None)
@@ -152,6 +166,9 @@ class PGDDefense(Defense):
         kwargs = dict(eps=self.eps, alpha=self.step_size, steps=self.steps, norm=self.norm,
                       random_start=self.random_start, model_mode=self.attack_mode, clip_min=self.clip_min,
                       clip_max=self.clip_max, name=self.name)
+        if "step_size" in overrides:  # run_pgd's bare "unexpected keyword argument 'step_size'" named no fix
+            raise TypeError(f"{self.name}: attack() takes run_pgd's keywords, where the step is alpha (step_size is "
+                            f"this defense's option for it): pass alpha={overrides['step_size']!r}")
         kwargs.update(overrides)
         return run_pgd(unwrap(model), x, y, **kwargs)
 
