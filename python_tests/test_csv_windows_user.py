@@ -1,0 +1,126 @@
+"""A CSV prepared on Windows, used from the command line alone: a spreadsheet's export (byte-order mark, CRLF line
+ends, spaces around names and values, folders written with backslashes) of 16-bit grayscale PNGs with a few 8-bit
+ones trains and evaluates with every image read on one scale under its own label, and each export that cannot be
+read (semicolons, other column names, other encodings, a row twice, a file missing) is one line naming the fix."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from test_cli import one_line_error, run
+
+N = 20
+
+
+def _value(k):
+    """Image k's grey level on the 8-bit scale: one per image, so each sample can be traced to its file."""
+    return 10 * k + 5
+
+
+def _label(k):
+    return ("Benign", "Malignant")[k % 2]
+
+
+def _images(root):
+    """images/case000.png ...: 16-bit grayscale PNGs (the grey level times 257, the full 16-bit scale) and, every
+    fifth, an 8-bit one, as a colleague's export mixes them."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    for k in range(N):
+        if k % 5 == 3:
+            arr = np.full((8, 8), _value(k), np.uint8)
+        else:
+            arr = np.full((8, 8), _value(k) * 257, np.uint16)
+        Image.fromarray(arr).save(root / "images" / f"case{k:03d}.png")
+
+
+def _write(path, header, rows, sep=",", encoding="utf-8", bom=True, eol="\r\n"):
+    text = eol.join([sep.join(header)] + [sep.join(r) for r in rows]) + eol
+    path.write_bytes((("\ufeff" if bom else "") + text).encode(encoding))
+    return path
+
+
+def _windows_rows(ids=range(N)):
+    return [(f"images\\case{k:03d}.png", _label(k) + " ") for k in ids]
+
+
+@pytest.fixture
+def data(tmp_path):
+    _images(tmp_path / "d")
+    return tmp_path / "d"
+
+
+def test_a_windows_export_trains_and_evaluates_with_each_image_under_its_label_on_one_scale(data, tmp_path, capsys):
+    from robust_ops.data import load_dataset
+
+    csv_path = _write(data / "labels.csv", [" image_id ", " dx "], _windows_rows())
+    out = tmp_path / "run"
+    argv = ["train", "--data", csv_path, "--size", "8", "--channels", "1", "--model", "mlp", "--epochs", "1",
+            "--out", out, "--no-progress", "--device", "cpu"]
+    rc, stdout, err = run(argv, capsys)
+    assert rc == 0 and "warning" not in err, err
+    assert "classes: Benign = 0, Malignant = 1 (positive)" in stdout
+    doc = json.loads((out / "run.json").read_text())
+    assert doc["dataset"]["class_counts"] == {"Benign": N // 2, "Malignant": N // 2}
+    # the cross-check: every sample is its own file's grey level (16-bit / 257 == 8-bit) under that file's label
+    s = load_dataset(csv_path, size=8, channels=1)
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+    y = torch.cat([s.train.tensors[1], s.val.tensors[1], s.test.tensors[1]])
+    assert sorted(zip((x[:, 0, 4, 4] * 255).round().int().tolist(), y.tolist())) == [
+        (_value(k), k % 2) for k in range(N)]
+    # the colleague opens and saves it again without the spaces, the mark and the CRLFs: the same data for eval
+    _write(csv_path, ["image_id", "dx"], [(i, lab.strip()) for i, lab in _windows_rows()], bom=False, eol="\n")
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu",
+                      "--out", tmp_path / "e"], capsys)
+    assert rc == 0 and "warning" not in err, err
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["rows"][0]["n"] == len(s.test)
+
+
+@pytest.mark.parametrize("variant, needles", [
+    ("semicolons", ["missing column 'image_id' (found: image_id;dx); the header looks ';'-separated: save the file "
+                    "comma-separated"]),
+    ("header", ["missing column 'image_id' (found: Filename, Label); name the image column image_id and the label "
+                "column dx"]),
+    ("cp1252", ["not UTF-8 text (", "); save it as UTF-8"]),
+    ("utf16", ["not UTF-8 text (invalid start byte at byte 0); save it as UTF-8"]),
+    ("twice", ["1 image_id(s) listed more than once, e.g. images\\case005.png; expected one row per image"]),
+    ("missing", ["1 image(s) listed but not found under", "e.g. images\\case099.png",
+                 "-- put their image files under", "or remove their rows from the CSV"]),
+    ("drive", [f"{N} image(s) listed but not found under", "e.g. C:\\data\\images\\case000.png, ",
+               "or paths relative to it (images/img1.png or images/img1) -- put the image files"]),
+])
+def test_an_export_that_cannot_be_read_is_one_line_naming_the_file_and_the_fix(data, tmp_path, capsys, variant,
+                                                                               needles):
+    path, rows = data / f"{variant}.csv", _windows_rows()
+    if variant == "semicolons":  # Excel's "CSV" where the decimal separator is a comma
+        _write(path, ["image_id", "dx"], rows, sep=";")
+    elif variant == "header":
+        _write(path, ["Filename", "Label"], rows)
+    elif variant == "cp1252":  # Excel's "CSV" in the machine's ANSI code page
+        _write(path, ["image_id", "dx"], [(i, "B\u00e9nin") for i, _ in rows], encoding="cp1252", bom=False)
+    elif variant == "utf16":  # Excel's "Unicode Text"
+        _write(path, ["image_id", "dx"], rows, sep="\t", encoding="utf-16-le")
+    elif variant == "twice":
+        _write(path, ["image_id", "dx"], rows + _windows_rows([5]))
+    elif variant == "missing":
+        _write(path, ["image_id", "dx"], rows + _windows_rows([99]))
+    else:  # absolute Windows paths: no path relative to the CSV's folder here
+        _write(path, ["image_id", "dx"], [("C:\\data\\" + i, lab) for i, lab in rows])
+    out = tmp_path / "run"
+    rc, _, err = run(["train", "--data", path, "--size", "8", "--model", "mlp", "--epochs", "1", "--out", out,
+                      "--no-progress", "--device", "cpu"], capsys)
+    one_line_error(rc, err, f"robust-ops train: error: --data: {path}: ", *needles)
+    assert not out.exists()
+
+
+def test_classes_match_a_csvs_labels_in_case(data, tmp_path, capsys):
+    # class folders match --classes in any case; a CSV's labels are matched as written, and the error lists them
+    csv_path = _write(data / "labels.csv", ["image_id", "dx"], _windows_rows())
+    rc, _, err = run(["train", "--data", csv_path, "--size", "8", "--model", "mlp", "--epochs", "1", "--classes",
+                      "benign,malignant", "--out", tmp_path / "run", "--no-progress", "--device", "cpu"], capsys)
+    one_line_error(rc, err, f"--classes: {csv_path}: requested class(es) 'benign', 'malignant' have no rows in "
+                            "column 'dx' (labels present: Benign, Malignant)")
+    assert not (tmp_path / "run").exists()
