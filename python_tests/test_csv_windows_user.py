@@ -124,3 +124,22 @@ def test_classes_match_a_csvs_labels_in_case(data, tmp_path, capsys):
     one_line_error(rc, err, f"--classes: {csv_path}: requested class(es) 'benign', 'malignant' have no rows in "
                             "column 'dx' (labels present: Benign, Malignant)")
     assert not (tmp_path / "run").exists()
+
+
+def test_getting_started_says_how_a_windows_export_is_read():
+    # its CSV row said "comma-separated" and "a file's path relative to that folder" alone: nothing of the
+    # byte-order mark, CRLFs, spaces and backslashes read above, of the exports refused, or of --classes' case
+    from pathlib import Path
+
+    text = " ".join((Path(__file__).parents[1] / "docs" / "getting-started.md").read_text().split())
+    for sentence in ("comma-separated (a spreadsheet's semicolon-separated export, Excel's \"CSV\" where the decimal "
+                     "separator is a comma, is an error saying so), UTF-8 text (with or without the byte-order mark "
+                     "Excel's \"CSV UTF-8\" writes, Windows' CRLF line ends too; another encoding, Excel's ANSI "
+                     "\"CSV\" or UTF-16 \"Unicode Text\", is an error saying to save it as UTF-8), its column names "
+                     "and values read without the spaces around them (`Benign ` is `Benign`)",
+                     "its folders written with `/` or Windows' `\\` (`pat1\\view1.png`; a path with a drive, "
+                     "`C:\\data\\pat1\\view1.png`, is no path relative to the folder: it is listed as not found, so "
+                     "write the paths relative to the CSV's folder)",
+                     "matched by `--classes` as written, in case (`--classes benign,malignant` on labels `Benign`, "
+                     "`Malignant` is an error listing the labels present, where class folders match in any case)"):
+        assert sentence in text, sentence
