@@ -379,17 +379,20 @@ def test_documented_signatures_are_the_code(page, index):
 
 # Full signatures written in the prose (not abbreviated with "..."): page, the function's name as written.
 PROSE_SIGNATURES = [("docs/training.md", "fit"), ("docs/design.md", "fit"), ("docs/design.md", "load_dataset"),
-                    ("docs/design.md", "build_model")]
+                    ("docs/design.md", "build_model"), ("docs/reproduce/README.md", "run_protocol")]
 
 
 @pytest.mark.parametrize("page, name", PROSE_SIGNATURES)
 def test_prose_signatures_are_the_code(page, name):
-    """design.md's load_dataset had lost bit_depth=: a prose signature lists exactly the code's arguments."""
+    """design.md's load_dataset had lost bit_depth=, and reproduce/README.md's run_protocol the batch_size= and lr=
+    it took with reproduce's --batch-size and --lr: a prose signature lists exactly the code's arguments."""
     from robust_ops.data import load_dataset
     from robust_ops.models import build_model
+    from robust_ops.reproduce import run_protocol
     from robust_ops.train import fit
 
-    function = {"fit": fit, "load_dataset": load_dataset, "build_model": build_model}[name]
+    functions = {"fit": fit, "load_dataset": load_dataset, "build_model": build_model, "run_protocol": run_protocol}
+    function = functions[name]
     text = (REPO / page).read_text()
     assert _documented_arguments(text, f"`{name}") == _python_signature(function), f"{page}: {name}"
 
