@@ -1906,20 +1906,28 @@ from robust_ops import reference
 g = torch.Generator().manual_seed(0)
 cases = (((3, 3), (2, 2), (1, 1), (1, 1), False), ((2, 3), (1, 3), (0, 1), (2, 1), True),
          ((3, 3), (1, 1), (0, 0), (1, 1), False))
-for c in [*range(1, 18), 24, 31, 33, 48, 63, 64, 65, 72]:
-    x = torch.randint(-2, 3, (2, c, 7, 10 + c % 2), generator=g).float()
-    x[(x == 0) & (torch.rand(x.shape, generator=g) < 0.5)] = -0.0
-    x[x == -2] = float("-inf")
-    x[1, c // 2, 3, 4] = float("nan")
-    for pool, ref_pool in ((torch.ops.robust_ops.drop_max_pool2d, reference.drop_max_pool2d),
-                           (torch.ops.robust_ops.max_pool2d, reference.max_pool2d)):
-        for xx in (x, x.contiguous(memory_format=torch.channels_last)):
-            for args in cases:
-                out, idx = pool(xx, *args)
-                _, ref_idx = ref_pool(xx, *args)
-                picked = x.flatten(2).gather(2, ref_idx.flatten(2)).view(out.shape)
-                assert torch.equal(idx, ref_idx) and torch.equal(out.view(torch.int32), picked.view(torch.int32)), (
-                    c, pool, args, xx.stride())
+# NaN bit patterns with payloads (signaling and negative ones too): the output keeps the input's bits
+nans = {torch.float32: (0x7F800001, -0x3FFFFF), torch.float16: (0x7C01, -0x1A6), torch.bfloat16: (0x7F81, -0x3D)}
+bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for c in [*range(1, 18), 24, 31, 33, 48, 63, 64, 65, 72]:
+        x = torch.randint(-2, 3, (2, c, 7, 10 + c % 2), generator=g).to(dtype)
+        x[(x == 0) & (torch.rand(x.shape, generator=g) < 0.5)] = -0.0
+        # values of every magnitude (subnormals of the dtype included), not only small integers
+        fine = torch.randn(x.shape, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-45, 5, x.shape,
+                                                                                            generator=g)
+        x = torch.where(torch.rand(x.shape, generator=g) < 0.3, fine.to(dtype), x)
+        x[x == -2] = float("-inf")
+        x.view(bits[dtype])[1, c // 2, 3, 4], x.view(bits[dtype])[1, c // 2, 3, 5] = nans[dtype]
+        for pool, ref_pool in ((torch.ops.robust_ops.drop_max_pool2d, reference.drop_max_pool2d),
+                               (torch.ops.robust_ops.max_pool2d, reference.max_pool2d)):
+            for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+                for args in cases:
+                    out, idx = pool(xx, *args)
+                    _, ref_idx = ref_pool(xx, *args)
+                    picked = x.view(bits[dtype]).flatten(2).gather(2, ref_idx.flatten(2)).view(out.shape)
+                    assert torch.equal(idx, ref_idx) and torch.equal(out.view(bits[dtype]), picked), (
+                        dtype, c, pool, args, xx.stride())
 print("ok")
 """
 
@@ -1929,8 +1937,10 @@ def test_every_lane_count_on_every_cpu_instruction_set_path(isa):
     # The channels_last kernel's lanes are the channels: 1-17 fill a vector partly (the last vector is loaded and
     # stored under masks with AVX-512 and AVX2 alike, reading no lane past the input's end; 8 left with AVX-512: one
     # AVX2 vector), 24-72 run blocks of 2-4 vectors side by side; NCHW rows of 8 or 9 windows (stride 1) end the same
-    # ways.
-    # Values bit for bit (signed zeros, NaN) and indices as the reference's, for either op and layout.
+    # ways. float16 and bfloat16 run the float32 vector steps, widened on load and narrowed on store (odd lane counts
+    # load their last 16-bit element on its own).
+    # Values bit for bit (signed zeros, NaN payloads, subnormals) and indices as the reference's, for every vector
+    # dtype, either op and layout.
     run_with_cpu_isa(_LANES_SCRIPT, isa)
 
 
@@ -1946,31 +1956,32 @@ cases = (((3, 3), (1, 1), (0, 0), (1, 1), False), ((3, 3), (2, 2), (1, 1), (1, 1
          ((2, 2), (2, 2), (0, 0), (1, 1), True))
 
 
-def at_page_end(shape):
-    n = torch.Size(shape).numel()
-    pages = (4 * n + page - 1) // page
+def at_page_end(shape, dtype):
+    n, size = torch.Size(shape).numel(), dtype.itemsize
+    pages = (size * n + page - 1) // page
     buf = mmap.mmap(-1, (pages + 1) * page)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     assert libc.mprotect(addr + pages * page, page, 0) == 0, ctypes.get_errno()
-    x = torch.frombuffer(buf, dtype=torch.float32, count=n, offset=pages * page - 4 * n).view(shape)
-    assert x.data_ptr() + 4 * n == addr + pages * page
+    x = torch.frombuffer(buf, dtype=dtype, count=n, offset=pages * page - size * n).view(shape)
+    assert x.data_ptr() + size * n == addr + pages * page
     return x
 
 
-for c in [*range(1, 18), 23, 31]:
-    for fmt in ("nchw", "channels_last"):
-        for w in (8, 11, 21):
-            if fmt == "nchw":
-                x = at_page_end((1, c, 5, w))
-            else:
-                x = at_page_end((1, 5, w, c)).permute(0, 3, 1, 2)
-            x.copy_(torch.randint(-2, 3, x.shape, generator=g).float())
-            for pool, ref_pool in ((torch.ops.robust_ops.drop_max_pool2d, reference.drop_max_pool2d),
-                                   (torch.ops.robust_ops.max_pool2d, reference.max_pool2d)):
-                for args in cases:
-                    out, idx = pool(x, *args)
-                    ref, ref_idx = ref_pool(x.clone(memory_format=torch.contiguous_format), *args)
-                    assert torch.equal(idx, ref_idx) and torch.equal(out, ref), (c, fmt, w, args)
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for c in [*range(1, 18), 23, 31]:
+        for fmt in ("nchw", "channels_last"):
+            for w in (8, 11, 21):
+                if fmt == "nchw":
+                    x = at_page_end((1, c, 5, w), dtype)
+                else:
+                    x = at_page_end((1, 5, w, c), dtype).permute(0, 3, 1, 2)
+                x.copy_(torch.randint(-2, 3, x.shape, generator=g))
+                for pool, ref_pool in ((torch.ops.robust_ops.drop_max_pool2d, reference.drop_max_pool2d),
+                                       (torch.ops.robust_ops.max_pool2d, reference.max_pool2d)):
+                    for args in cases:
+                        out, idx = pool(x, *args)
+                        ref, ref_idx = ref_pool(x.clone(memory_format=torch.contiguous_format), *args)
+                        assert torch.equal(idx, ref_idx) and torch.equal(out, ref), (dtype, c, fmt, w, args)
 print("ok")
 """
 

@@ -141,8 +141,20 @@ bool window_top2_scalar(const scalar_t* __restrict__ base, int64_t step, int64_t
 // float32 with AVX2, chosen at run time: the extension is compiled for the x86-64 baseline, whose SSE2 lacks the
 // blend instructions this select-heavy loop needs (GCC leaves the plain loop scalar). 8 lanes per vector; a window's
 // state stays in registers across its taps, and kUnroll vectors run side by side because one vector's taps form a
-// dependency chain.
-#define ROBUST_OPS_AVX2 __attribute__((target("avx2"), always_inline)) inline
+// dependency chain. float16 and bfloat16 (T) run the same float32 steps: widened on load (exact: every float16 and
+// bfloat16 value is a float32 value, order and signed zeros kept) and narrowed on store (exact: the value stored is
+// one of the window's inputs; windows holding NaN are redone by select_window, which copies the input's bits).
+// float16 needs F16C (checked at run time besides AVX2); bfloat16 widens by a 16-bit shift.
+#define ROBUST_OPS_AVX2 __attribute__((target("avx2,f16c"), always_inline)) inline
+
+// The element types the vector paths run.
+template <typename T>
+constexpr bool kVectorType = std::is_same_v<T, float> || std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
+
+template <typename T>
+inline const uint16_t* bits16(const T* p) {
+  return reinterpret_cast<const uint16_t*>(p);
+}
 
 struct Top2State {
   __m256 a1, a2, t1, t2;
@@ -154,14 +166,45 @@ ROBUST_OPS_AVX2 __m256i first_lanes(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-ROBUST_OPS_AVX2 __m256 load_lanes(const float* p, int64_t step, bool may_read_ahead) {
-  if (step == 1) return _mm256_loadu_ps(p);
-  if (step == 2 && may_read_ahead) {  // deinterleave two loads (the second reads one element past lane 7's)
-    const __m256 lo = _mm256_loadu_ps(p), hi = _mm256_loadu_ps(p + 8);
-    const __m256 even = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));  // lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6
-    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0)));
+// 8 float16 / bfloat16 bit patterns widened to float32, and back (the value narrowed is one of the inputs: exact).
+template <typename T>
+ROBUST_OPS_AVX2 __m256 widen8(__m128i h) {
+  if constexpr (std::is_same_v<T, at::Half>) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+template <typename T>
+ROBUST_OPS_AVX2 __m128i narrow8(__m256 v) {
+  if constexpr (std::is_same_v<T, at::Half>) return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+}
+
+template <typename T>
+ROBUST_OPS_AVX2 __m256 load_lanes(const T* p, int64_t step, bool may_read_ahead) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (step == 1) return _mm256_loadu_ps(p);
+    if (step == 2 && may_read_ahead) {  // deinterleave two loads (the second reads one element past lane 7's)
+      const __m256 lo = _mm256_loadu_ps(p), hi = _mm256_loadu_ps(p + 8);
+      const __m256 even = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));  // lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6
+      return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0)));
+    }
+    return _mm256_setr_ps(p[0], p[step], p[2 * step], p[3 * step], p[4 * step], p[5 * step], p[6 * step],
+                          p[7 * step]);
+  } else {
+    const uint16_t* q = bits16(p);
+    if (step == 1) return widen8<T>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    if (step == 2 && may_read_ahead) {  // the low halves of 8 dwords (the last reads one element past lane 7's)
+      const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+      if constexpr (std::is_same_v<T, at::BFloat16>) return _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));
+      const __m256i lo = _mm256_and_si256(d, _mm256_set1_epi32(0xFFFF));
+      return widen8<T>(_mm_packus_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1)));
+    }
+    return widen8<T>(_mm_setr_epi16(static_cast<int16_t>(q[0]), static_cast<int16_t>(q[step]),
+                                    static_cast<int16_t>(q[2 * step]), static_cast<int16_t>(q[3 * step]),
+                                    static_cast<int16_t>(q[4 * step]), static_cast<int16_t>(q[5 * step]),
+                                    static_cast<int16_t>(q[6 * step]), static_cast<int16_t>(q[7 * step])));
   }
-  return _mm256_setr_ps(p[0], p[step], p[2 * step], p[3 * step], p[4 * step], p[5 * step], p[6 * step], p[7 * step]);
 }
 
 // The window's first element: the maximum so far, no second yet. Select::kMax updates the first-order state only.
@@ -197,8 +240,8 @@ ROBUST_OPS_AVX2 void top2_step(Top2State& st, __m256 v, __m256 s) {
   st.t1 = _mm256_blendv_ps(st.t1, s, gt1);
 }
 
-template <Select rule>
-ROBUST_OPS_AVX2 void top2_window(Top2State& st, const float* p, int64_t step, bool may_read_ahead,
+template <Select rule, typename T>
+ROBUST_OPS_AVX2 void top2_window(Top2State& st, const T* p, int64_t step, bool may_read_ahead,
                                  const int64_t* tap_off, const float* tap_rel, int64_t ntaps, __m256& nan_lanes) {
   top2_first<rule>(st, load_lanes(p + tap_off[0], step, may_read_ahead), _mm256_set1_ps(tap_rel[0]));
   if (ntaps > 1) {
@@ -211,8 +254,8 @@ ROBUST_OPS_AVX2 void top2_window(Top2State& st, const float* p, int64_t step, bo
 }
 
 // Writes lanes [j, min(j + 8, len)): value and idx = origin + (j + lane) * origin_step + rel.
-template <Select rule>
-ROBUST_OPS_AVX2 void top2_store(const Top2State& st, int64_t j, int64_t len, float* out, int64_t* idx, int64_t origin,
+template <Select rule, typename T>
+ROBUST_OPS_AVX2 void top2_store(const Top2State& st, int64_t j, int64_t len, T* out, int64_t* idx, int64_t origin,
                                 int64_t origin_step, __m256i lane_step) {
   __m256 val = st.a1, pos = st.t1;
   if constexpr (rule == Select::kDropMax) {  // the second when there is one
@@ -225,12 +268,22 @@ ROBUST_OPS_AVX2 void top2_store(const Top2State& st, int64_t j, int64_t len, flo
   const __m256i lo = _mm256_add_epi64(base_idx, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(rel)));
   const __m256i hi = _mm256_add_epi64(base_idx, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(rel, 1)));
   if (j + 8 <= len) {
-    _mm256_storeu_ps(out + j, val);
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_storeu_ps(out + j, val);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j), narrow8<T>(val));
+    }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + j), lo);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + j + 4), hi);
   } else {  // the last, partial vector: lanes past len belong to other windows (or lie past the output's end)
     const __m256i keep = first_lanes(len - j);
-    _mm256_maskstore_ps(out + j, keep, val);
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_maskstore_ps(out + j, keep, val);
+    } else {  // no 16-bit masked store in AVX2
+      alignas(16) T lanes[8];
+      _mm_store_si128(reinterpret_cast<__m128i*>(lanes), narrow8<T>(val));
+      std::memcpy(out + j, lanes, (len - j) * sizeof(T));
+    }
     _mm256_maskstore_epi64(reinterpret_cast<long long*>(idx + j), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(keep)),
                            lo);
     _mm256_maskstore_epi64(reinterpret_cast<long long*>(idx + j + 4),
@@ -238,65 +291,87 @@ ROBUST_OPS_AVX2 void top2_store(const Top2State& st, int64_t j, int64_t len, flo
   }
 }
 
+// The 16-bit lanes [0, n) of 8, n <= 8, reading only those (AVX2 has no 16-bit masked load): n / 2 dwords under a
+// mask (vpmaskmovd reads no masked-off element and faults on none), an odd last element blended in; the others 0.
+ROBUST_OPS_AVX2 __m128i load_partial_bits8(const uint16_t* q, int64_t step, int64_t n) {
+  if (step == 1) {
+    __m128i h = _mm_maskload_epi32(reinterpret_cast<const int*>(q), _mm256_castsi256_si128(first_lanes(n / 2)));
+    if (n % 2 == 1) {
+      const __m128i last =
+          _mm_cmpeq_epi16(_mm_set1_epi16(static_cast<int16_t>(n - 1)), _mm_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7));
+      h = _mm_blendv_epi8(h, _mm_set1_epi16(static_cast<int16_t>(q[n - 1])), last);
+    }
+    return h;
+  }
+  alignas(16) uint16_t lanes[8] = {};
+  for (int64_t l = 0; l < n; ++l) lanes[l] = q[l * step];
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(lanes));
+}
+
 // The lanes [0, n) of a partly filled vector, n <= 8, reading only those (the lanes past them may lie past the
 // input's end: the channels of the next pixel, or nothing; vmaskmovps reads no masked-off element and faults on
 // none); the others are 0.
-ROBUST_OPS_AVX2 __m256 load_partial_lanes(const float* p, int64_t step, int64_t n) {
-  if (step == 1) return _mm256_maskload_ps(p, first_lanes(n));
-  alignas(32) float lanes[8] = {};
-  for (int64_t l = 0; l < n; ++l) lanes[l] = p[l * step];
-  return _mm256_load_ps(lanes);
+template <typename T>
+ROBUST_OPS_AVX2 __m256 load_partial_lanes(const T* p, int64_t step, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (step == 1) return _mm256_maskload_ps(p, first_lanes(n));
+    alignas(32) float lanes[8] = {};
+    for (int64_t l = 0; l < n; ++l) lanes[l] = p[l * step];
+    return _mm256_load_ps(lanes);
+  } else {
+    return widen8<T>(load_partial_bits8(bits16(p), step, n));
+  }
 }
 
 // Vector u of a block of U side by side (lanes [j + 8u, j + 8u + 8)) for one tap; p is the tap's lane j. With
 // `partial`, the last vector holds only the lanes below len and reads no others.
-template <int U, bool partial>
-ROBUST_OPS_AVX2 __m256 load_block_lanes(const float* p, int u, int64_t j, int64_t step, int64_t len,
+template <typename T, int U, bool partial>
+ROBUST_OPS_AVX2 __m256 load_block_lanes(const T* p, int u, int64_t j, int64_t step, int64_t len,
                                         int64_t safe_len) {
   if (partial && u == U - 1) return load_partial_lanes(p + 8 * u * step, step, len - j - 8 * u);
   return load_lanes(p + 8 * u * step, step, j + 8 * (u + 1) < safe_len);
 }
 
 // U vectors side by side from lane j on (one vector's taps form a dependency chain), as top2_block16.
-template <Select rule, int U, bool partial>
-ROBUST_OPS_AVX2 void top2_block(const float* base, int64_t step, int64_t j, int64_t len, int64_t safe_len,
-                                const int64_t* tap_off, const float* tap_rel, int64_t ntaps, float* out, int64_t* idx,
+template <Select rule, typename T, int U, bool partial>
+ROBUST_OPS_AVX2 void top2_block(const T* base, int64_t step, int64_t j, int64_t len, int64_t safe_len,
+                                const int64_t* tap_off, const float* tap_rel, int64_t ntaps, T* out, int64_t* idx,
                                 int64_t origin, int64_t origin_step, __m256i lane_step, __m256& nan_lanes) {
   Top2State st[U];
 #pragma GCC unroll 4
   for (int u = 0; u < U; ++u) {
-    const __m256 v = load_block_lanes<U, partial>(base + tap_off[0] + j * step, u, j, step, len, safe_len);
+    const __m256 v = load_block_lanes<T, U, partial>(base + tap_off[0] + j * step, u, j, step, len, safe_len);
     top2_first<rule>(st[u], v, _mm256_set1_ps(tap_rel[0]));
   }
 #pragma GCC unroll 4
   for (int u = 0; u < U && ntaps > 1; ++u) {
-    const __m256 v = load_block_lanes<U, partial>(base + tap_off[1] + j * step, u, j, step, len, safe_len);
+    const __m256 v = load_block_lanes<T, U, partial>(base + tap_off[1] + j * step, u, j, step, len, safe_len);
     top2_step<rule, false>(st[u], v, _mm256_set1_ps(tap_rel[1]));
   }
   for (int64_t t = 2; t < ntaps; ++t) {
     const __m256 s = _mm256_set1_ps(tap_rel[t]);
-    const float* p = base + tap_off[t] + j * step;
+    const T* p = base + tap_off[t] + j * step;
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) {
-      top2_step<rule, true>(st[u], load_block_lanes<U, partial>(p, u, j, step, len, safe_len), s);
+      top2_step<rule, true>(st[u], load_block_lanes<T, U, partial>(p, u, j, step, len, safe_len), s);
     }
   }
 #pragma GCC unroll 4
   for (int u = 0; u < U; ++u) nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(st[u].sum, st[u].sum, _CMP_UNORD_Q));
 #pragma GCC unroll 4
-  for (int u = 0; u < U; ++u) top2_store<rule>(st[u], j + 8 * u, len, out, idx, origin, origin_step, lane_step);
+  for (int u = 0; u < U; ++u) top2_store<rule, T>(st[u], j + 8 * u, len, out, idx, origin, origin_step, lane_step);
 }
 
 // Handles all len lanes (done = len), reading lanes below safe_len only, in blocks of up to kUnroll vectors; a partly
 // filled last vector is loaded and stored under masks, as the scalar path ran those lanes ~10x slower (1 x 15 x 56 x
 // 56 channels_last: 1.9x the time of 16 channels). Needs relative positions and lane offsets below 2^24 (exact in
 // float and int32).
-template <Select rule>
-__attribute__((target("avx2"))) bool window_top2_avx2(const float* __restrict__ base, int64_t step, int64_t len,
-                                                      int64_t safe_len, const int64_t* tap_off, const float* tap_rel,
-                                                      int64_t ntaps, float* __restrict__ out,
-                                                      int64_t* __restrict__ idx, int64_t origin,
-                                                      int64_t origin_step, int64_t& done) {
+template <Select rule, typename T>
+__attribute__((target("avx2,f16c"))) bool window_top2_avx2(const T* __restrict__ base, int64_t step, int64_t len,
+                                                           int64_t safe_len, const int64_t* tap_off,
+                                                           const float* tap_rel, int64_t ntaps, T* __restrict__ out,
+                                                           int64_t* __restrict__ idx, int64_t origin,
+                                                           int64_t origin_step, int64_t& done) {
   constexpr int kUnroll = 3;
   __m256 nan_lanes = _mm256_setzero_ps();
   const __m256i lane_step = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
@@ -305,10 +380,10 @@ __attribute__((target("avx2"))) bool window_top2_avx2(const float* __restrict__ 
     const int64_t vectors = std::min<int64_t>(kUnroll, (len - j + 7) / 8);
     const bool partial = j + 8 * vectors > safe_len;
 #define ROBUST_OPS_BLOCK8(U)                                                                                         \
-  (partial ? top2_block<rule, U, true>(base, step, j, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin,      \
-                                       origin_step, lane_step, nan_lanes)                                            \
-           : top2_block<rule, U, false>(base, step, j, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin,     \
-                                        origin_step, lane_step, nan_lanes))
+  (partial ? top2_block<rule, T, U, true>(base, step, j, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin,   \
+                                          origin_step, lane_step, nan_lanes)                                         \
+           : top2_block<rule, T, U, false>(base, step, j, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin,  \
+                                           origin_step, lane_step, nan_lanes))
     switch (vectors) {
       case 1: ROBUST_OPS_BLOCK8(1); break;
       case 2: ROBUST_OPS_BLOCK8(2); break;
@@ -324,22 +399,52 @@ __attribute__((target("avx2"))) bool window_top2_avx2(const float* __restrict__ 
 // GCC 12's own intrinsic headers trip -Wmaybe-uninitialized here (their _mm512_undefined_* placeholders).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#define ROBUST_OPS_AVX512 __attribute__((target("avx512f"), always_inline)) inline
+#define ROBUST_OPS_AVX512 __attribute__((target("avx512f,f16c"), always_inline)) inline
 
 struct Top2State16 {
   __m512 a1, a2, t1, t2;
   __m512 sum;  // of the window's values, as Top2State's
 };
 
-ROBUST_OPS_AVX512 __m512 load_lanes16(const float* p, int64_t step, bool may_read_ahead) {
-  if (step == 1) return _mm512_loadu_ps(p);
-  if (step == 2 && may_read_ahead) {  // deinterleave two loads (the second reads one element past lane 15's)
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    return _mm512_permutex2var_ps(_mm512_loadu_ps(p), even, _mm512_loadu_ps(p + 16));
+// 16 float16 / bfloat16 bit patterns widened to float32 (as widen8).
+template <typename T>
+ROBUST_OPS_AVX512 __m512 widen16(__m256i h) {
+  if constexpr (std::is_same_v<T, at::Half>) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// The float16 / bfloat16 bits of 16 values (each one of the inputs: exact), one per dword's low half.
+template <typename T>
+ROBUST_OPS_AVX512 __m512i narrow16(__m512 v) {
+  if constexpr (std::is_same_v<T, at::Half>) {
+    return _mm512_cvtepu16_epi32(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  alignas(64) float lanes[16];
-  for (int l = 0; l < 16; ++l) lanes[l] = p[l * step];
-  return _mm512_load_ps(lanes);
+  return _mm512_srli_epi32(_mm512_castps_si512(v), 16);
+}
+
+template <typename T>
+ROBUST_OPS_AVX512 __m512 load_lanes16(const T* p, int64_t step, bool may_read_ahead) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (step == 1) return _mm512_loadu_ps(p);
+    if (step == 2 && may_read_ahead) {  // deinterleave two loads (the second reads one element past lane 15's)
+      const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+      return _mm512_permutex2var_ps(_mm512_loadu_ps(p), even, _mm512_loadu_ps(p + 16));
+    }
+    alignas(64) float lanes[16];
+    for (int l = 0; l < 16; ++l) lanes[l] = p[l * step];
+    return _mm512_load_ps(lanes);
+  } else {
+    const uint16_t* q = bits16(p);
+    if (step == 1) return widen16<T>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+    if (step == 2 && may_read_ahead) {  // the low halves of 16 dwords (the last reads one element past lane 15's)
+      const __m512i d = _mm512_loadu_si512(q);
+      if constexpr (std::is_same_v<T, at::BFloat16>) return _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
+      return widen16<T>(_mm512_cvtepi32_epi16(d));
+    }
+    alignas(32) uint16_t lanes[16];
+    for (int l = 0; l < 16; ++l) lanes[l] = q[l * step];
+    return widen16<T>(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)));
+  }
 }
 
 template <Select rule>
@@ -374,8 +479,8 @@ ROBUST_OPS_AVX512 void top2_step16(Top2State16& st, __m512 v, __m512 s) {
   st.t1 = _mm512_mask_mov_ps(st.t1, gt1, s);
 }
 
-template <Select rule>
-ROBUST_OPS_AVX512 void top2_store16(const Top2State16& st, int64_t j, int64_t len, float* out, int64_t* idx,
+template <Select rule, typename T>
+ROBUST_OPS_AVX512 void top2_store16(const Top2State16& st, int64_t j, int64_t len, T* out, int64_t* idx,
                                     int64_t origin, int64_t origin_step, __m512i lane_step) {
   __m512 val = st.a1, pos = st.t1;
   if constexpr (rule == Select::kDropMax) {  // the second when there is one
@@ -389,24 +494,36 @@ ROBUST_OPS_AVX512 void top2_store16(const Top2State16& st, int64_t j, int64_t le
   const __m512i hi = _mm512_add_epi64(base_idx, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(rel, 1)));
   const int64_t n = std::min<int64_t>(16, len - j);  // the last vector may be partial: masked stores
   const __mmask16 keep = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-  _mm512_mask_storeu_ps(out + j, keep, val);
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(out + j, keep, val);
+  } else {  // vpmovdw: the dwords' low halves, under the mask
+    _mm512_mask_cvtepi32_storeu_epi16(out + j, keep, narrow16<T>(val));
+  }
   _mm512_mask_storeu_epi64(idx + j, __mmask8(keep & 0xFF), lo);
   _mm512_mask_storeu_epi64(idx + j + 8, __mmask8(keep >> 8), hi);
 }
 
 // The lanes [0, n) of a partly filled vector, n <= 16, reading only those (the lanes past them may lie past the
-// input's end: the channels of the next pixel, or nothing); the others are 0.
-ROBUST_OPS_AVX512 __m512 load_partial_lanes16(const float* p, int64_t step, int64_t n) {
-  if (step == 1) return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p);
-  alignas(64) float lanes[16] = {};
-  for (int64_t l = 0; l < n; ++l) lanes[l] = p[l * step];
-  return _mm512_load_ps(lanes);
+// input's end: the channels of the next pixel, or nothing); the others are 0. 16-bit elements: two halves of 8 as
+// AVX2 loads them (no 16-bit masked load without AVX512BW).
+template <typename T>
+ROBUST_OPS_AVX512 __m512 load_partial_lanes16(const T* p, int64_t step, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (step == 1) return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p);
+    alignas(64) float lanes[16] = {};
+    for (int64_t l = 0; l < n; ++l) lanes[l] = p[l * step];
+    return _mm512_load_ps(lanes);
+  } else {
+    const uint16_t* q = bits16(p);
+    const __m128i lo = load_partial_bits8(q, step, std::min<int64_t>(n, 8));
+    return widen16<T>(_mm256_set_m128i(load_partial_bits8(q + 8 * step, step, std::max<int64_t>(n - 8, 0)), lo));
+  }
 }
 
 // Vector u of a block of U side by side (lanes [j + 16u, j + 16u + 16)) for one tap; p is the tap's lane j. With
 // `partial`, the last vector holds only the lanes below len and reads no others.
-template <int U, bool partial>
-ROBUST_OPS_AVX512 __m512 load_block_lanes16(const float* p, int u, int64_t j, int64_t step, int64_t len,
+template <typename T, int U, bool partial>
+ROBUST_OPS_AVX512 __m512 load_block_lanes16(const T* p, int u, int64_t j, int64_t step, int64_t len,
                                             int64_t safe_len) {
   if (partial && u == U - 1) return load_partial_lanes16(p + 16 * u * step, step, len - j - 16 * u);
   return load_lanes16(p + 16 * u * step, step, j + 16 * (u + 1) < safe_len);
@@ -414,45 +531,45 @@ ROBUST_OPS_AVX512 __m512 load_block_lanes16(const float* p, int u, int64_t j, in
 
 // U vectors side by side (one vector's taps form a dependency chain), from lane j on; the u loops unrolled by
 // pragma, as GCC kept the partial blocks' states in memory (17-31 lanes ran at half the speed of 32).
-template <Select rule, int U, bool partial>
-ROBUST_OPS_AVX512 void top2_block16(const float* base, int64_t step, int64_t j, int64_t len, int64_t safe_len,
-                                    const int64_t* tap_off, const float* tap_rel, int64_t ntaps, float* out,
+template <Select rule, typename T, int U, bool partial>
+ROBUST_OPS_AVX512 void top2_block16(const T* base, int64_t step, int64_t j, int64_t len, int64_t safe_len,
+                                    const int64_t* tap_off, const float* tap_rel, int64_t ntaps, T* out,
                                     int64_t* idx, int64_t origin, int64_t origin_step, __m512i lane_step,
                                     __mmask16& nan_lanes) {
   Top2State16 st[U];
 #pragma GCC unroll 4
   for (int u = 0; u < U; ++u) {
-    const __m512 v = load_block_lanes16<U, partial>(base + tap_off[0] + j * step, u, j, step, len, safe_len);
+    const __m512 v = load_block_lanes16<T, U, partial>(base + tap_off[0] + j * step, u, j, step, len, safe_len);
     top2_first16<rule>(st[u], v, _mm512_set1_ps(tap_rel[0]));
   }
 #pragma GCC unroll 4
   for (int u = 0; u < U && ntaps > 1; ++u) {
-    const __m512 v = load_block_lanes16<U, partial>(base + tap_off[1] + j * step, u, j, step, len, safe_len);
+    const __m512 v = load_block_lanes16<T, U, partial>(base + tap_off[1] + j * step, u, j, step, len, safe_len);
     top2_step16<rule, false>(st[u], v, _mm512_set1_ps(tap_rel[1]));
   }
   for (int64_t t = 2; t < ntaps; ++t) {
     const __m512 s = _mm512_set1_ps(tap_rel[t]);
-    const float* p = base + tap_off[t] + j * step;
+    const T* p = base + tap_off[t] + j * step;
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) {
-      top2_step16<rule, true>(st[u], load_block_lanes16<U, partial>(p, u, j, step, len, safe_len), s);
+      top2_step16<rule, true>(st[u], load_block_lanes16<T, U, partial>(p, u, j, step, len, safe_len), s);
     }
   }
 #pragma GCC unroll 4
   for (int u = 0; u < U; ++u) nan_lanes |= _mm512_cmp_ps_mask(st[u].sum, st[u].sum, _CMP_UNORD_Q);
 #pragma GCC unroll 4
-  for (int u = 0; u < U; ++u) top2_store16<rule>(st[u], j + 16 * u, len, out, idx, origin, origin_step, lane_step);
+  for (int u = 0; u < U; ++u) top2_store16<rule, T>(st[u], j + 16 * u, len, out, idx, origin, origin_step, lane_step);
 }
 
 // Handles all len lanes (done = len): a partly filled last vector is loaded and stored under masks, as the scalar
 // path ran those lanes ~10x slower (1 x 8 x 56 x 56 channels_last, every lane: 2.2x AVX2's time); blocks of up to
 // kUnroll vectors, so that 17-63 lanes run side by side as well.
-template <Select rule>
-__attribute__((target("avx512f"))) bool window_top2_avx512(const float* __restrict__ base, int64_t step,
-                                                          int64_t len, int64_t safe_len, const int64_t* tap_off,
-                                                          const float* tap_rel, int64_t ntaps,
-                                                          float* __restrict__ out, int64_t* __restrict__ idx,
-                                                          int64_t origin, int64_t origin_step, int64_t& done) {
+template <Select rule, typename T>
+__attribute__((target("avx512f,f16c"))) bool window_top2_avx512(const T* __restrict__ base, int64_t step,
+                                                               int64_t len, int64_t safe_len, const int64_t* tap_off,
+                                                               const float* tap_rel, int64_t ntaps,
+                                                               T* __restrict__ out, int64_t* __restrict__ idx,
+                                                               int64_t origin, int64_t origin_step, int64_t& done) {
   constexpr int kUnroll = 4;
   __mmask16 nan_lanes = 0;
   const __m512i lane_step =
@@ -464,18 +581,18 @@ __attribute__((target("avx512f"))) bool window_top2_avx512(const float* __restri
                                                     _mm256_set1_epi32(static_cast<int32_t>(origin_step)));
       __m256 nan8 = _mm256_setzero_ps();
       Top2State st;
-      top2_window<rule>(st, base + j * step, step, j + 8 < safe_len, tap_off, tap_rel, ntaps, nan8);
-      top2_store<rule>(st, j, len, out, idx, origin, origin_step, lane_step8);
+      top2_window<rule, T>(st, base + j * step, step, j + 8 < safe_len, tap_off, tap_rel, ntaps, nan8);
+      top2_store<rule, T>(st, j, len, out, idx, origin, origin_step, lane_step8);
       if (_mm256_movemask_ps(nan8) != 0) nan_lanes = 1;
       break;
     }
     const int64_t vectors = std::min<int64_t>(kUnroll, (len - j + 15) / 16);
     const bool partial = j + 16 * vectors > safe_len;
 #define ROBUST_OPS_BLOCK16(U)                                                                                        \
-  (partial ? top2_block16<rule, U, true>(base, step, j, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin,    \
-                                         origin_step, lane_step, nan_lanes)                                          \
-           : top2_block16<rule, U, false>(base, step, j, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin,   \
-                                          origin_step, lane_step, nan_lanes))
+  (partial ? top2_block16<rule, T, U, true>(base, step, j, len, safe_len, tap_off, tap_rel, ntaps, out, idx,       \
+                                            origin, origin_step, lane_step, nan_lanes)                               \
+           : top2_block16<rule, T, U, false>(base, step, j, len, safe_len, tap_off, tap_rel, ntaps, out, idx,      \
+                                             origin, origin_step, lane_step, nan_lanes))
     switch (vectors) {
       case 1: ROBUST_OPS_BLOCK16(1); break;
       case 2: ROBUST_OPS_BLOCK16(2); break;
@@ -514,10 +631,18 @@ bool cpu_has_avx2(const char* op) {
   static const bool has = __builtin_cpu_supports("avx2");
   return has && cpu_isa_cap(op) >= 1;
 }
+
+// The vector paths widen and narrow float16 with F16C (every AVX-512 CPU has it; some AVX2 ones may not).
+template <typename T>
+bool cpu_runs_vector_type() {
+  static const bool f16c = __builtin_cpu_supports("f16c");
+  return !std::is_same_v<T, at::Half> || f16c;
+}
 #endif
 
 // `vector_ok`: relative positions and lane offsets fit the AVX2 path's exact float / int32 arithmetic; the vector
-// paths read the positions as floats (tap_rel), the scalar path as int64 (tap_pos).
+// paths read the positions as floats (tap_rel), the scalar path as int64 (tap_pos). float32, float16 and bfloat16 run
+// the vector paths (float16 where the CPU has F16C), float64 the scalar one.
 template <Select rule, typename acc_t, typename scalar_t>
 bool window_top2(const scalar_t* base, int64_t step, int64_t len, int64_t safe_len, const int64_t* tap_off,
                  const acc_t* tap_rel, const int64_t* tap_pos, int64_t ntaps, scalar_t* out, int64_t* idx,
@@ -525,13 +650,14 @@ bool window_top2(const scalar_t* base, int64_t step, int64_t len, int64_t safe_l
   int64_t done = 0;
   bool nan_seen = false;
 #ifdef ROBUST_OPS_HAVE_AVX2_PATH
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (kVectorType<scalar_t>) {
+    vector_ok = vector_ok && cpu_runs_vector_type<scalar_t>();
     if (vector_ok && cpu_has_avx512(op_name(rule))) {
-      nan_seen = window_top2_avx512<rule>(base, step, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin,
-                                    origin_step, done);
+      nan_seen = window_top2_avx512<rule, scalar_t>(base, step, len, safe_len, tap_off, tap_rel, ntaps, out, idx,
+                                                    origin, origin_step, done);
     } else if (vector_ok && cpu_has_avx2(op_name(rule))) {
-      nan_seen = window_top2_avx2<rule>(base, step, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin, origin_step,
-                                  done);
+      nan_seen = window_top2_avx2<rule, scalar_t>(base, step, len, safe_len, tap_off, tap_rel, ntaps, out, idx,
+                                                  origin, origin_step, done);
     }
   }
 #endif
