@@ -6108,6 +6108,55 @@ def test_targets_a_function_returns_past_the_class_count_are_refused_naming_the_
         attacks.ensemble(model, x, model(x).argmax(1).detach(), [in_list])  # samples the cascade attacks
 
 
+def test_the_function_named_for_targets_past_the_class_count_is_the_running_attacks_own():
+    """labels_made_by's scope (mutation testing of e3c646e, mut54 helper): a refusal left the function's name behind
+    for the next call's caller labels (no try / finally survived), a ported forward's targets were called labels
+    (its enable_grad path without labels_made_by survived), and a nested attack named the outer function (keeping the
+    outer origin survived) or, after it returned, the outer lost its own (restoring None survived)."""
+    model = make_model(4)
+    x, y = make_data(6, 4)
+
+    def shift(x, y):
+        return y + 4
+
+    def next_class(x, y):
+        return (y + 1) % 4
+
+    def by(fn):
+        return (r"^pgd: the targets set_mode_targeted_by_function's .*\.{} returned are no classes of the "
+                r"model".format(fn.__name__))
+
+    caller = r"^pgd: expected labels in \[0, 4\) for a model with 4 classes"
+    with pytest.raises(ValueError, match=by(shift)):
+        attacks.PGD(model, steps=1).set_mode_targeted_by_function(shift)(x, y)
+    with pytest.raises(ValueError, match=caller):  # the caller's labels again, after the refusal
+        attacks.pgd(model, x, y + 4, eps=8 / 255, steps=1)
+
+    class Ported(attacks.Attack):  # a forward of the user's: run under attack_context by __call__
+        name = "ported"
+
+        def forward(self, x, y):
+            return attacks.pgd(self.model, x, y, eps=8 / 255, steps=1, targeted=True)
+
+    with pytest.raises(ValueError, match=by(shift)):
+        Ported(model).set_mode_targeted_by_function(shift)(x, y)
+
+    class Outer(attacks.Attack):  # runs an attack of its own targets' rule, then its own
+        name = "outer"
+
+        def forward(self, x, y):
+            attacks.PGD(self.model, eps=8 / 255, steps=1).set_mode_targeted_by_function(self.inner)(x, y % 4)
+            return attacks.pgd(self.model, x, y, eps=8 / 255, steps=1, targeted=True)
+
+    outer = Outer(model)
+    outer.inner = shift  # the inner attack's targets are out of range: named after its function
+    with pytest.raises(ValueError, match=by(shift)):
+        outer.set_mode_targeted_by_function(next_class)(x, y)
+    outer.inner = next_class  # the inner attack runs; the outer's own targets are out of range
+    with pytest.raises(ValueError, match=by(shift)):
+        outer.set_mode_targeted_by_function(shift)(x, y)
+
+
 def test_repr_says_how_a_targeted_attack_makes_its_targets():
     """set_mode_targeted_random(), _least_likely(kth_min) and _by_function(fn) attack other targets than
     _by_label(), and their reprs all read targeted=True alone, so two runs' logs could not tell them apart."""
