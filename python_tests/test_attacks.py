@@ -6079,6 +6079,43 @@ def test_one_image_without_its_batch_dimension_is_named_for_a_model_with_batch_n
         attacks.PGD(mlp, steps=1, model_mode="train")(x.unsqueeze(0), torch.tensor([1]))
 
 
+def test_one_image_is_named_for_a_train_mode_batch_norm_mlp_and_a_single_logit_model():
+    """_takes_as_one_sample's probe (mutation testing of fb6f413 / 8e4da10, mut54 helper): a probe in the attack's
+    train mode, where a BatchNorm1d refuses a batch of one and a BatchNorm2d moves its statistics, survived, as did a
+    probe taking only [1, K] rows (a single-logit model gives [1]); a target function returning one label beside n
+    samples (check_class_labels without x) must keep its words."""
+    from robust_ops.models import build_model
+
+    torch.manual_seed(0)
+    unbatched = r"^pgd: expected x to be a batch \[N, \.\.\.\], got shape \(3, 4, 4\), .* pass x\.unsqueeze\(0\)"
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(48, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
+    with pytest.raises(attacks.InputShapeError, match=unbatched):
+        attacks.PGD(mlp, steps=1, model_mode="train")(torch.rand(3, 4, 4), torch.tensor([1, 1, 1]))
+    cnn = build_model("small_cnn", in_channels=3, num_classes=2, image_size=4).train()
+    state = copy.deepcopy(cnn.state_dict())
+    with pytest.raises(attacks.InputShapeError, match=unbatched):
+        attacks.PGD(cnn, steps=1, model_mode="train")(torch.rand(3, 4, 4), torch.tensor([1, 1, 1]))
+    for key, value in cnn.state_dict().items():  # the probe ran in eval mode: no running statistics moved
+        assert_verbose_equal(value, state[key], key)
+
+    class OneLogit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(48, 1)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)).squeeze(1)
+
+    with pytest.raises(attacks.InputShapeError, match=unbatched):
+        attacks.PGD(OneLogit(), steps=1)(torch.rand(3, 4, 4), torch.tensor([1, 1, 1]))
+    model = make_model(4)
+    x, y = make_data(6, 4)
+    atk = attacks.PGD(model, steps=1).set_mode_targeted_by_function(lambda x, y: y[:1])
+    with pytest.raises(ValueError, match=r"returned are no labels of x \(expected y of shape \[6\], got \(1,\)\); it "
+                                         r"must return"):
+        atk(x, y)
+
+
 def test_targets_a_function_returns_past_the_class_count_are_refused_naming_the_function():
     """set_mode_targeted_by_function's targets past the model's class count, checked by the attack against its output,
     were called labels: 'pgd: expected labels in [0, 4) for a model with 4 classes, got values in [4, 7]' beside
