@@ -1589,6 +1589,41 @@ def test_the_split_tensors_passed_as_they_are_are_refused_naming_tensordataset_a
     fit(DropoutMLP(), "standard", [(x[i], y[i]) for i in range(8)], epochs=1, batch_size=4, progress=False)
 
 
+def test_split_tensors_with_medmnist_labels_or_mixed_kinds_are_refused_and_unlabelled_items_are_not():
+    """refuse_fields_as_dataset's shape rules (mutation testing of f51675a, mut54 helper): labels [N, 1] (MedMNIST's)
+    beside x (the labels' at most 2-D rule as 1-D survived), x a tensor beside y a numpy array (any tensor read as all
+    survived: TensorDataset(x, y) of an array fails), a 0-d second field (the fields' ndim > 0 rule dropped survived:
+    an IndexError) and a list of two 1-D samples, which are items without labels, not x and y (x at least 1-D
+    survived)."""
+    x, y = _data(8).tensors
+    for data, tail in (((x, y[:, None]), "tuple of 2 tensors ([8, 1, 4, 4], [8, 1]), one per field; pass "
+                                         "torch.utils.data.TensorDataset(x, y)"),
+                       ((x, y.numpy()), "tuple of 2 arrays ([8, 1, 4, 4], [8]), one per field; pass "
+                                        "torch.utils.data.TensorDataset(torch.as_tensor(x), torch.as_tensor(y))")):
+        with pytest.raises(TypeError, match="^" + re.escape(f"fit: expected train_data to be a dataset of (x, y) "
+                                                            f"items, got a {tail}") + "$"):
+            fit(DropoutMLP(), "standard", data, epochs=1, batch_size=4, progress=False)
+    for data, got in (((x, torch.tensor(1)), "Tensor items of shape [8, 1, 4, 4]"),
+                      ([torch.rand(3), torch.rand(3)], "Tensor items of shape [3]")):
+        with pytest.raises(ValueError, match="^" + re.escape(f"fit: expected the dataset to yield (x, y) or (x, y, "
+                                                             f"ids) tuples, got {got}, not tuples")):
+            fit(DropoutMLP(), "standard", data, epochs=1, batch_size=4, progress=False)
+
+
+def test_a_fit_refusing_a_defense_that_holds_state_leaves_that_state():
+    """_ChangesBeforeTraining resets only a defense that was fresh when fit began (mutation testing of 3ecc091, mut54
+    helper: resetting every defense survived): IMA holding an earlier run's margins, refused, keeps them for the
+    resume the refusal offers."""
+    defense = IMA()
+    fit(DropoutMLP(), defense, IndexedDataset(_data(8)), epochs=1, batch_size=8, progress=False)
+    margins = defense.state_dict()
+    with pytest.raises(ValueError, match="^fit: the ima defense holds state from an earlier run"):
+        fit(DropoutMLP(), defense, IndexedDataset(_data(8)), epochs=1, batch_size=8, progress=False)
+    assert defense.holds_state()
+    for key, value in defense.state_dict().items():
+        assert torch.equal(value, margins[key]) if torch.is_tensor(value) else value == margins[key]
+
+
 def test_items_that_are_not_tuples_are_named_as_the_dataset_yields_them():
     """Items of x alone were "got Tensor of length ?", and fit named its collated batch, not the items: file paths
     without labels read "got list of length 4" (the batch's 4 paths), numpy images "got Tensor"."""
