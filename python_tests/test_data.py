@@ -1224,6 +1224,20 @@ def test_npz_integer_images_are_told_a_fix_that_keeps_their_values(tmp_path, dty
         assert len(torch.unique(x)) == len(np.unique(images["train_images"]))  # no two values merged
 
 
+def test_integer_images_up_to_10_either_side_of_0_are_told_of_a_rounded_normalization(tmp_path):
+    """_integer_images_fix's z-score rule reaches |value| 10 (mutation testing of e2ca6cc, mut54 helper: < 10 survived
+    the tests' [-3, 3]); one past it is told of signed intensities."""
+    def refusal(lo, hi):
+        images = {f"{s}_images": np.linspace(lo, hi, k * 64).round().astype(np.int16).reshape(k, 8, 8)
+                  for s, k in (("train", 12), ("val", 4), ("test", 6))}
+        with pytest.raises(DataError) as info:
+            load_dataset(write_npz(tmp_path / "z.npz", shape=(8, 8), **images))
+        return str(info.value)
+
+    assert "normalized by a mean and std, then stored as integers (21 levels left)?" in refusal(-10, 10)
+    assert "signed intensities (an offset or a mean subtracted)?" in refusal(-11, 10)
+
+
 @pytest.mark.parametrize("dtype", ["int16", "float32"])
 def test_signed_images_without_air_are_told_the_shift_beside_the_hounsfield_window(tmp_path, dtype):
     """Values in [-600, 600] are taken for CT Hounsfield units (a bottom at -500 or below), as a crop inside the body

@@ -1239,6 +1239,26 @@ def test_ima_on_float64_inputs_keeps_float64_margins_inside_eps_train(norm, eps_
     assert float32_run.margins.dtype == torch.float32
 
 
+def test_ima_attacks_float64_inputs_at_float64_margins(monkeypatch):
+    """The radii IMA's own GenAdv runs at hold x's precision too (mutation testing of c206fb9, mut54 helper: the
+    batch's margins read as float32 survived the table's test, which checks the table and a separate gen_adv call):
+    float32's 0.10000000149 would put the training points outside the eps_train ball."""
+    import robust_ops.ima as ima_module
+
+    seen = []
+    gen_adv_of_ima = ima_module._gen_adv
+
+    def recording(name, compact, model, x, y, margin, **kwargs):
+        seen.append((x.dtype, margin.dtype))
+        return gen_adv_of_ima(name, compact, model, x, y, margin, **kwargs)
+
+    monkeypatch.setattr(ima_module, "_gen_adv", recording)
+    model, x, y = ima_batch(n=8)
+    IMA(num_samples=8, eps_train=0.1, delta=0.1, steps=1, search_steps=0, min_rows=0)(model.double(), x.double(), y,
+                                                                                      torch.arange(8))
+    assert seen and set(seen) == {(torch.float64, torch.float64)}
+
+
 def test_ima_state_before_the_first_batch_is_empty_and_loading_it_drops_a_table():
     """state_dict() is {} until the first batch makes the margin table: a newly built IMA's state. Loading it into
     a used IMA kept that IMA's trained margins without a word, so a round trip did not restore the saved state."""

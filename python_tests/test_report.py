@@ -173,6 +173,15 @@ def test_a_method_that_no_row_has_is_refused_naming_the_rows_methods():
         "| no attack | 0 | 0.500 | 0.500 |", "| fgsm | 0 | 0.500 | – |"]
 
 
+def test_a_metric_some_rows_hold_is_a_column_not_a_misspelling():
+    """_check_metric refuses a name no row holds (mutation testing of 6e2285d, mut54 helper: refusing one that not
+    every row holds survived): rows of two evaluations, one with a metric of its own, keep their tables."""
+    rows = [{"method": "A", "attack": "none", "norm": None, "eps": 0.0, "n": 4, "accuracy": 0.5, "mine": 0.25},
+            {"method": "B", "attack": "none", "norm": None, "eps": 0.0, "n": 4, "accuracy": 0.75}]
+    assert report.pivot_table(rows, "mine").splitlines()[2] == "| no attack | 0 | 0.250 | – |"
+    assert report.markdown_table(rows, "mine").splitlines()[3] == "| B | none | – | 0 | 4 | – |"
+
+
 def test_an_empty_metrics_or_methods_string_is_the_default_as_before():
     """6e2285d split a metrics string and took a methods string as one name: markdown_table(rows, "") (the default
     table until then) became "ValueError: markdown_table: no row holds the metric ''", as did a trailing comma
