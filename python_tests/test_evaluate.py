@@ -1707,6 +1707,20 @@ def test_write_results_takes_a_torch_device_dtype_or_fraction_in_config_and_name
         assert err.value.arg == arg and not (tmp_path / arg).exists()
 
 
+def test_write_results_names_info_for_a_dataset_entry_results_json_cannot_hold(tmp_path):
+    """_json_safe's refusal of the document's dataset entry names the argument it came from, info (mutation testing of
+    bce14f7, mut54 helper: naming "dataset", no argument of write_results, survived)."""
+    from robust_ops.data import DatasetInfo
+
+    info = DatasetInfo("mine", num_classes=2, in_channels=1, image_size=4, class_names=("a", "b"), positive_class=1,
+                       source={1, 2})
+    row = dict(method="M", attack="none", norm=None, eps=0.0, n=4, accuracy=1.0)
+    refusal = r"^dataset\['source'\]: a set \(\{1, 2\}\), which results.json cannot hold"
+    with pytest.raises(EvalError, match=refusal) as err:
+        write_results(tmp_path / "out", [row], info, figures=False)
+    assert err.value.arg == "info" and not (tmp_path / "out").exists()
+
+
 def test_write_results_refuses_a_saliency_without_labels_before_writing(tmp_path):
     """_check_saliency (17ea1f2) read the models and images only: saliency=({"A": model}, x, None), Grad-CAM's
     labels left out, stopped after the metric figures with torch's "RuntimeError: Could not infer dtype of
