@@ -2,6 +2,7 @@
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1051,3 +1052,12 @@ def test_markdown_report_embeds_one_figure_given_as_a_string_once():
     doc = _doc([dict(_CLEAN_ROW)])
     text = report.markdown_report(doc, figures="accuracy_vs_eps.png")
     assert text == report.markdown_report(doc, figures=["accuracy_vs_eps.png"]) and text.count("![") == 1
+
+
+def test_markdown_report_embeds_one_figure_given_as_a_path_once():
+    """markdown_report(doc, figures=Path("accuracy_vs_eps.png")) stopped with "TypeError: 'PosixPath' object is not
+    iterable" (found by the revA helper), where the name as a string was taken as one figure (51c46fa) and a list
+    of paths embedded each. One path is one figure, as one name is."""
+    doc = _doc([dict(_CLEAN_ROW)])
+    text = report.markdown_report(doc, figures=Path("accuracy_vs_eps.png"))
+    assert text == report.markdown_report(doc, figures="accuracy_vs_eps.png") and text.count("![") == 1

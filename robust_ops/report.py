@@ -4,6 +4,7 @@ drawn outside pyplot (no display needed; pyplot's backend and open figures are l
 
 import decimal
 import math
+import os
 import re
 import textwrap
 from collections import Counter
@@ -380,7 +381,7 @@ def markdown_report(doc, title=None, figures=(), extra=None):
     reported metric, notes on undefined values and missing rows, per-class recall (multi-class), ``extra`` (Markdown
     text or None, the default), the table of all rows, ``figures`` (image file names, each embedded; default none),
     the configuration and the environment. ``title``: the heading; None (default): "Robustness evaluation". One file
-    name as a string is that one figure."""
+    name as a string or a path (``Path("a.png")``) is that one figure."""
     info = doc["dataset"]
     rows = doc["rows"]
     env = doc["environment"]
@@ -412,7 +413,8 @@ def markdown_report(doc, title=None, figures=(), extra=None):
     if extra:
         lines += [extra, ""]
     lines += ["## All rows", "", markdown_table(rows, metrics), ""]
-    if isinstance(figures, str):  # "a.png" was embedded letter by letter: ![a](a), ![.](.), ...
+    # "a.png" was embedded letter by letter: ![a](a), ![.](.), ...; Path("a.png") stopped: "not iterable"
+    if isinstance(figures, (str, os.PathLike)):
         figures = [figures]
     for fig in figures:
         lines += [f"![{fig}]({fig})", ""]
