@@ -1037,13 +1037,25 @@ def test_per_class_recall_table_refuses_class_names_of_another_count():
     names a header column with no values under it, without a word (found by the api2 helper). A count other than the
     rows' confusion holds is now refused naming the row and both counts."""
     rows = [{"method": "A", "attack": "none", "norm": None, "eps": 0.0, "n": 4, "confusion": [[1, 1], [0, 2]]}]
-    for names in (["x"], ["x", "y", "z"]):
-        with pytest.raises(ValueError, match=rf"^per_class_recall_table: got {len(names)} class names, but the row "
+    for names, got in ((["x"], "1 class name"), (["x", "y", "z"], "3 class names")):
+        with pytest.raises(ValueError, match=rf"^per_class_recall_table: got {got}, but the row "
                                              r"\(A, no attack\) counts 2 classes; give one name per class, label 0 "
                                              r"first$"):
             report.per_class_recall_table(rows, names)
     line = report.per_class_recall_table(rows, ["x", "y"]).splitlines()[2]
     assert line == "| A | no attack | – | 0 | 4 | 0.500 | 1.000 |"
+
+
+def test_per_class_recall_table_reads_one_string_as_comma_separated_class_names():
+    """per_class_recall_table(rows of 2 classes, "benign,malignant") was refused as "got 16 class names" (its
+    letters), and "xy" headed the columns x and y (found by the revA helper), as markdown_table read one metric's
+    name before 6e2285d. One string is now comma-separated names, as --classes takes them."""
+    rows = [{"method": "A", "attack": "none", "norm": None, "eps": 0.0, "n": 4, "confusion": [[1, 1], [0, 2]]}]
+    assert report.per_class_recall_table(rows, "benign, malignant") == report.per_class_recall_table(
+        rows, ["benign", "malignant"])
+    with pytest.raises(ValueError, match=r"^per_class_recall_table: got 1 class name, but the row \(A, no attack\) "
+                                         r"counts 2 classes"):
+        report.per_class_recall_table(rows, "xy")
 
 
 def test_markdown_report_embeds_one_figure_given_as_a_string_once():

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ._options import python_number
+from ._options import counted, python_number
 from .attacks.context import classification_loss, float32_or_wider, is_single_logit, model_device, use_model_mode
 from .metrics import METRIC_LABELS, metric_names
 
@@ -252,17 +252,20 @@ def per_class_recall_table(rows, class_names):
     """One line per row that holds ``confusion`` counts (evaluation rows; reproduce's mean rows sum their runs'), one
     column per class: the share of the class's samples predicted as it (its recall), "–" for a class without samples
     in the evaluated set. A multi-class report's macro averages do not show which classes an attack breaks.
-    ``class_names``: one per class, label 0 first; another count than a row's confusion holds is a ValueError."""
+    ``class_names``: one per class, label 0 first (or one string of comma-separated names, as --classes takes
+    them); another count than a row's confusion holds is a ValueError."""
+    if isinstance(class_names, str):  # "benign,malignant" was counted letter by letter: "got 16 class names"
+        class_names = [c.strip() for c in class_names.split(",") if c.strip()]
     head = ["method", "attack", "norm", "ε", "n"] + [str(c) for c in class_names]
     lines = [_table_line(head), "|" + "---|" * len(head)]
-    counted = [r for r in rows if r.get("confusion") is not None]
-    for r in counted:  # the header's columns and the lines' cells did not line up
+    with_counts = [r for r in rows if r.get("confusion") is not None]
+    for r in with_counts:  # the header's columns and the lines' cells did not line up
         if len(r["confusion"]) != len(class_names):
-            raise ValueError(f"per_class_recall_table: got {len(class_names)} class names, but the row "
+            raise ValueError(f"per_class_recall_table: got {counted(len(class_names), 'class name')}, but the row "
                              f"({r['method']}, {_attack_label(r['attack'])}) counts {len(r['confusion'])} classes; "
                              "give one name per class, label 0 first")
-    radii = _radii(counted)
-    for r in counted:
+    radii = _radii(with_counts)
+    for r in with_counts:
         recall = [fmt(line[i] / sum(line) if sum(line) else None) for i, line in enumerate(r["confusion"])]
         lines.append(_table_line(_row_cells(r, _attack_label(r["attack"]), radii) + recall))
     return "\n".join(lines)
