@@ -556,8 +556,9 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
     info = DatasetInfo(
         # the folder's own name where it is given as "." or "..": it was "busi" for any such folder (a pathology set's
         # reports titled busi); symbolic links not followed, so a link keeps its name
-        name=Path(os.path.abspath(folder)).name or "busi", num_classes=len(classes), in_channels=x.shape[1], image_size=size,
-        class_names=tuple(classes), positive_class=_positive(classes), synthetic=False, source=str(folder),
+        name=Path(os.path.abspath(folder)).name or "busi", num_classes=len(classes), in_channels=x.shape[1],
+        image_size=size, class_names=tuple(classes), positive_class=_positive(classes), synthetic=False,
+        source=str(folder),
         extra={"excluded_samples": sum(excluded.values()), "excluded_labels": excluded,
                "class_counts": {c: len(files[c]) for c in classes},  # eval checks the data is unchanged
                "samples_digest": _samples_digest((p.name, c) for c in classes for p in files[c]),
