@@ -239,36 +239,43 @@ def _l_cls(out, yi):
 
 
 def arfl_reference(model, x, y, where, lam=10.0, r=0.5, eps=0.01, steps=7, eta=None, sign=1.0, objective="cls",
-                   channel_reduction="mean"):
+                   channel_reduction="mean", bn=False):
     """Eq. 5 sample by sample, the expectation as the mean over the batch; the attack (Linf PGD from x) ascends
-    L_cls, or with objective="adv_term" eq. 5's adversarial term L_cls + s * lam * L_robust."""
+    L_cls, or with objective="adv_term" eq. 5's adversarial term L_cls + s * lam * L_robust. With ``bn`` the attack
+    runs in eval mode and the training forwards, batched, in train mode."""
     eta = 2.5 * eps / steps if eta is None else eta
 
-    def term(z, yi):
-        out, f = _logits_and_features(model, z[None], where)
-        return _l_cls(out.reshape(out.shape[1:]), yi), _l_robust(f[0], yi, channel_reduction)
+    def terms(z, ys):  # per-sample L_cls and L_robust of the rows of z
+        out, f = _logits_and_features(model, z, where)
+        return [(_l_cls(out[i], ys[i]), _l_robust(f[i], ys[i], channel_reduction)) for i in range(z.shape[0])]
 
-    total = 0.0
-    for i in range(x.shape[0]):
+    if bn:
+        model.eval()
+    x_adv = []
+    for i in range(x.shape[0] if r < 1 else 0):
         xi, yi = x[i], y[i]
-        if r < 1:
-            xa = xi.clone()
-            for _ in range(steps):
-                z = xa.clone().requires_grad_(True)
-                cls, rob = term(z, yi)
-                (g,) = torch.autograd.grad(cls if objective == "cls" else cls + sign * lam * rob, z)
-                xa = (xi + (xa + eta * g.sign() - xi).clamp(-eps, eps)).clamp(0, 1)
-            cls_a, rob_a = term(xa.detach(), yi)
-            total = total + (1 - r) * (cls_a + sign * lam * rob_a)
-        if r > 0:
-            cls, rob = term(xi, yi)
-            total = total + r * (cls + lam * rob)  # eq. 2
+        xa = xi.clone()
+        for _ in range(steps):
+            z = xa.clone().requires_grad_(True)
+            ((cls, rob),) = terms(z[None], yi[None])
+            (g,) = torch.autograd.grad(cls if objective == "cls" else cls + sign * lam * rob, z)
+            xa = (xi + (xa + eta * g.sign() - xi).clamp(-eps, eps)).clamp(0, 1)
+        x_adv.append(xa.detach())
+    if bn:
+        model.train()
+        clean, adv = terms(x, y) if r > 0 else [], terms(torch.stack(x_adv), y) if r < 1 else []
+    else:
+        clean = [terms(x[i][None], y[i][None])[0] for i in range(x.shape[0])] if r > 0 else []
+        adv = [terms(v[None], y[i][None])[0] for i, v in enumerate(x_adv)]
+    total = sum(r * (cls + lam * rob) for cls, rob in clean)  # eq. 2
+    total = total + sum((1 - r) * (cls + sign * lam * rob) for cls, rob in adv)
     return total / x.shape[0]
 
 
 @pytest.mark.parametrize("kw", [
     {}, {"adv_sign": "printed"}, {"attack_objective": "adv_term"},
-    {"adv_sign": "printed", "attack_objective": "adv_term"}, {"r": 0.0}, {"r": 1.0}, {"r": 0.25, "lam": 0.5, "channel_reduction": "sum"},
+    {"adv_sign": "printed", "attack_objective": "adv_term"}, {"r": 0.0}, {"r": 1.0},
+    {"r": 0.25, "lam": 0.5, "channel_reduction": "sum"},
 ], ids=["defaults", "sign-printed", "adv-term", "printed-adv-term", "r0", "r1", "r-lam-sum"])
 def test_arfl_step_is_eq_5_per_sample(kw):
     model, x, y = _setup(2, seed=4)
@@ -278,6 +285,22 @@ def test_arfl_step_is_eq_5_per_sample(kw):
                          objective=kw.get("attack_objective", "cls"),
                          channel_reduction=kw.get("channel_reduction", "mean"))
     _assert_same_step(model, ref, got)
+
+
+@pytest.mark.parametrize("kw", [{}, {"attack_objective": "adv_term"},
+                                {"attack_objective": "adv_term", "adv_sign": "printed"}],
+                         ids=["cls", "adv-term", "adv-term-printed"])
+def test_arfl_with_batchnorm_attacks_in_eval_mode_and_trains_in_train_mode(kw):
+    model, x, y = _setup(2, seed=0, bn=True)
+    with torch.no_grad():  # running statistics away from BatchNorm's (0, 1) start, so eval mode differs from train
+        model.bn.running_mean.fill_(0.1)
+        model.bn.running_var.fill_(2.0)
+    twin = copy.deepcopy(model)
+    model.train()
+    got = ARFL(random_start=False, **kw)(model, x, y).loss
+    ref = arfl_reference(twin, x, y, (twin.c2, "output"), sign=-1.0 if kw.get("adv_sign") == "printed" else 1.0,
+                         objective=kw.get("attack_objective", "cls"), bn=True)
+    _assert_same_step(model, ref, got, twin)
 
 
 def test_arfl_two_moons_mlp_reads_the_penultimate_layer_and_takes_bce():
