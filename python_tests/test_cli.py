@@ -2513,26 +2513,32 @@ def test_out_that_cannot_be_written_fails_first(trained_run, tmp_path, capsys, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"] and not list(tmp_path.glob("ok/.robust-ops*"))
 
 
+
+def _refuse_writes_in(read_only, monkeypatch):
+    """Fake a folder this process cannot write in (as root, CI's containers, permission bits refuse nothing)."""
+    import errno
+
+    from robust_ops import _files
+
+    real = _files.check_writable
+
+    def check_writable(folder):
+        if Path(folder) == read_only:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        real(folder)
+
+    monkeypatch.setattr(_files, "check_writable", check_writable)
+
+
 def test_train_into_its_own_folder_in_a_parent_it_cannot_write_trains(small_npz, tmp_path, capsys, monkeypatch):
     # A cluster job's folder: the user's own, in a scratch folder only the scheduler writes. train was refused
     # ("--out: .../job: cannot write in .../scratch") though it writes in RUN_DIR alone; eval, demo and reproduce
     # stage their results beside --out, so they still need the folder above. check_writable is faked for it: as
     # root (CI's containers) permission bits refuse nothing.
-    import errno
-
-    from robust_ops import _files
-
     scratch = tmp_path / "scratch"
     job = scratch / "job"
     job.mkdir(parents=True)
-    real = _files.check_writable
-
-    def scratch_read_only(folder):
-        if Path(folder) == scratch:
-            raise PermissionError(errno.EACCES, "Permission denied")
-        real(folder)
-
-    monkeypatch.setattr(_files, "check_writable", scratch_read_only)
+    _refuse_writes_in(scratch, monkeypatch)
     argv = ["train", "--data", small_npz, "--device", "cpu", "--no-progress"]
     rc, _, err = run(argv + ["--epochs", "1", "--out", job], capsys)
     assert rc == 0, err
@@ -2545,6 +2551,36 @@ def test_train_into_its_own_folder_in_a_parent_it_cannot_write_trains(small_npz,
     rc, _, err = run(["eval", job, "--attacks", "fgsm", "--eps", "1/255", "--out", job], capsys)
     one_line_error(rc, err, f"--out: {job}: cannot write in {scratch} (Permission denied)")
     assert not (scratch / "new").exists()
+
+
+
+def test_out_and_write_results_out_dir_are_checked_by_one_rule(tmp_path, monkeypatch):
+    # cli.check_out and evaluate's write_results each held a copy of the --out rule; they agreed case by case, but a
+    # change to one (here: check_writable refusing a folder) reached only the CLI. One function now decides for both.
+    from robust_ops.cli import CLIError, check_out
+    from robust_ops.evaluate import EvalError, _check_out_dir
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "a.txt").write_text("y")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _refuse_writes_in(locked, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    refused = {afile: "it exists and is not a folder", afile / "sub": f"{afile} is a file, not a folder",
+               locked / "new": f"cannot write in {locked} (Permission denied)",
+               locked: f"cannot write in {locked} (Permission denied)",
+               tmp_path / "full": None, "new": None, "rel/new": None, "~": None}
+    for out, problem in refused.items():
+        for check, error in ((check_out, CLIError), (_check_out_dir, EvalError)):
+            if problem is None:
+                check(out)
+                continue
+            with pytest.raises(error) as caught:
+                check(out)
+            message = str(caught.value)
+            assert message.endswith(problem) or message.endswith(f"{out} exists and is not a folder"), message
 
 
 def test_eval_says_why_a_printed_table_shows_a_dash(trained_run, small_npz, tmp_path, capsys):

@@ -76,6 +76,32 @@ def check_writable(folder):
     os.rmdir(tempfile.mkdtemp(prefix=".robust-ops-write-check-", dir=folder))
 
 
+NOT_A_FOLDER = "it exists and is not a folder"
+
+
+def out_dir_problem(out_dir, staged=True):
+    """Why ``out_dir`` cannot take a command's results, checked before any work (found when the results were written,
+    the work was lost); None where it can. The one rule of the CLI's ``--out`` (cli.check_out) and write_results'
+    ``out_dir``: :data:`NOT_A_FOLDER` (a file there), ``"<above> is a file, not a folder"`` (it could never be made),
+    ``"cannot write in <folder> (<reason>)"``. ``staged``: the results are staged beside ``out_dir`` and moved in
+    (AtomicOutput), so the folder above must take files too; else only ``out_dir`` (or, not made yet, the folder it
+    would be made in) must."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        return NOT_A_FOLDER
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        return f"{above} is a file, not a folder"
+    inside = out if out.is_dir() else None
+    places = (above, inside) if staged or inside is None else (inside,)
+    for folder in dict.fromkeys(f for f in places if f is not None):
+        try:
+            check_writable(folder)
+        except OSError as err:
+            return f"cannot write in {folder} ({err.strerror or err})"
+    return None
+
+
 def _hold_lock(fd):
     """An exclusive flock on ``fd``'s file through a duplicate descriptor (returned; None without fcntl)."""
     if fcntl is None:

@@ -2093,24 +2093,15 @@ def check_out(out, flag="--out", staged=True):
     """Before any work: ``out`` must be a folder or not exist yet (results written at the end would be lost).
     ``staged``: the command stages its results beside ``out`` (AtomicOutput), so the folder above must take files
     too; train writes in ``out`` alone (a scheduler's job folder in a parent the user cannot write is fine)."""
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise CLIError(f"{flag}: {out} exists and is not a folder")
-    if out is not None:  # a file above it: the folder could never be made (raw NotADirectoryError at the end)
-        above = next((p for p in Path(out).parents if p.exists()), None)
-        if above is not None and not above.is_dir():
-            raise CLIError(f"{flag}: {out}: {above} is a file, not a folder")
-        # a folder that cannot be written (read-only, another user's, /proc) failed with a traceback only when the
-        # results were written, after the work; checked by writing: os.access says yes to root everywhere.
-        # Results are staged beside `out` (AtomicOutput) and moved into it, so both places must take files.
-        from ._files import check_writable
+    if out is None:
+        return
+    from ._files import NOT_A_FOLDER, out_dir_problem
 
-        inside = Path(out) if Path(out).is_dir() else None
-        places = (above, inside) if staged or inside is None else (inside,)
-        for folder in dict.fromkeys(f for f in places if f is not None):
-            try:
-                check_writable(folder)
-            except OSError as err:
-                raise CLIError(f"{flag}: {out}: cannot write in {folder} ({err.strerror or err})") from None
+    problem = out_dir_problem(out, staged)
+    if problem == NOT_A_FOLDER:
+        raise CLIError(f"{flag}: {out} exists and is not a folder")
+    if problem:
+        raise CLIError(f"{flag}: {out}: {problem}")
 
 
 def parse_eval_options(args):

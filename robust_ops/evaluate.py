@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ._files import check_writable, make_staging_folder, remove_staging_folder
+from ._files import make_staging_folder, out_dir_problem, remove_staging_folder
 from ._import_path import PATH_HINT, is_import_path
 from ._options import (accepted_options, check_flags, check_int, check_usable_device, class_labels, listing,
                        python_number)
@@ -1031,20 +1031,8 @@ def _check_out_dir(out_dir):
     """An EvalError, before any work, for an ``out_dir`` write_results cannot write: a file there stopped it only
     once every figure was drawn (FileExistsError), and a folder it cannot write in (/proc, read-only) named its
     staging folder beside it, ".nope.partial-8phovyj7", not out_dir. Results are staged beside out_dir and moved
-    into it, so both places must take files."""
-    out = Path(out_dir)
-    above = next((p for p in out.parents if p.exists()), None)
-    problem = None
-    if out.exists() and not out.is_dir():
-        problem = "it exists and is not a folder"
-    elif above is not None and not above.is_dir():
-        problem = f"{above} is a file, not a folder"
-    for folder in (above, out if out.is_dir() else None):
-        if problem is None and folder is not None:
-            try:
-                check_writable(folder)
-            except OSError as err:
-                problem = f"cannot write in {folder} ({err.strerror or err})"
+    into it, so both places must take files: the CLI's ``--out`` rule, one function (_files.out_dir_problem)."""
+    problem = out_dir_problem(out_dir)
     if problem:
         raise EvalError("out_dir", f"write_results: out_dir={os.fspath(out_dir)!r}: {problem}")
 
