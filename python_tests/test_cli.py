@@ -2490,6 +2490,28 @@ def test_out_that_is_a_file_fails_first(trained_run, tmp_path, capsys):
     assert afile.read_text() == "keep me"
 
 
+
+def test_out_that_is_a_link_to_nowhere_fails_first(trained_run, tmp_path, capsys):
+    # eval ran every attack and then stopped with "--out: link: cannot write the results (File exists)" (the staged
+    # results' mkdir cannot follow a link to a folder not made yet); train stopped with "link: File exists"
+    from robust_ops.evaluate import EvalError, _check_out_dir
+
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "not-yet")
+    problem = f"it is a link to {tmp_path / 'not-yet'}, which does not exist; make that folder first"
+    for argv in (["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255"], ["train", "--epochs", "1"]):
+        rc, stdout, err = run(argv + ["--device", "cpu", "--out", link], capsys)
+        one_line_error(rc, err, f"--out: {link}: {problem}")
+        assert "training" not in stdout and "clean accuracy" not in stdout
+    with pytest.raises(EvalError, match=f"^write_results: out_dir={re.escape(repr(str(link)))}: it is a link to "):
+        _check_out_dir(str(link))
+    (tmp_path / "not-yet").mkdir()  # made: the link is an ordinary --out
+    rc, _, err = run(["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--out", link],
+                     capsys)
+    assert rc == 0, err
+    assert (tmp_path / "not-yet" / "results.json").is_file()
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nobody can make a folder")
 def test_out_that_cannot_be_written_fails_first(trained_run, tmp_path, capsys, monkeypatch):
     # used to fail with a traceback only when the results were written: eval after every attack, bench after the

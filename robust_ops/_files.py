@@ -83,12 +83,14 @@ def out_dir_problem(out_dir, staged=True):
     """Why ``out_dir`` cannot take a command's results, checked before any work (found when the results were written,
     the work was lost); None where it can. The one rule of the CLI's ``--out`` (cli.check_out) and write_results'
     ``out_dir``: :data:`NOT_A_FOLDER` (a file there), ``"<above> is a file, not a folder"`` (it could never be made),
-    ``"cannot write in <folder> (<reason>)"``. ``staged``: the results are staged beside ``out_dir`` and moved in
-    (AtomicOutput), so the folder above must take files too; else only ``out_dir`` (or, not made yet, the folder it
-    would be made in) must."""
+    ``"cannot write in <folder> (<reason>)"``, a link to a folder that does not exist. ``staged``: the results are
+    staged beside ``out_dir`` and moved in (AtomicOutput), so the folder above must take files too; else only
+    ``out_dir`` (or, not made yet, the folder it would be made in) must."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         return NOT_A_FOLDER
+    if out.is_symlink() and not out.exists():  # mkdir cannot follow it: "File exists" once the work was done
+        return f"it is a link to {os.readlink(out)}, which does not exist; make that folder first"
     above = next((p for p in out.parents if p.exists()), None)
     if above is not None and not above.is_dir():
         return f"{above} is a file, not a folder"
