@@ -1656,6 +1656,10 @@ def test_reproduce_quick_arfl_moons(tmp_path, capsys):
     assert doc["paper"] and {r["method"] for r in doc["rows"]} >= {"Standard training", "MIRST"}
     text = (out / "report.md").read_text()
     assert "Published numbers beside ours" in text and "QUICK MODE" in text and "| Standard training | FGSM" in text
+    # said before the first table (the notes come after them all) and of the whole report, not of "the numbers below"
+    assert text.startswith("# Reproduction: ARFL (adversarially robust feature learning), Table 1 (QUICK MODE: a smoke "
+                           "run, its numbers mean nothing)\n")
+    assert "the numbers in this report mean nothing" in text and "below mean nothing" not in text
     assert "RUNS:" not in text  # --seeds 1 of the protocol's 5 gets no RUNS note in --quick: QUICK MODE's covers it
     assert ("two-moons: positive class 1 = lower moon; sensitivity is the recall of the positive class, "
             "specificity that of class 0 = upper moon") in stdout
@@ -3226,8 +3230,8 @@ def test_reproduce_rows_per_run_and_cached_per_plan(small_npz, tmp_path, capsys)
     assert (out / "saliency_std.png").is_file()  # image data: each method's maps of a few test images
     assert doc["config"]["attack_seeds"] == [0]  # repeat k's PGD / Square draws: seeded with k, as eval records it
     # the protocol's notes describe its 2 runs; the report said nothing of --seeds 1
-    assert ("RUNS: this run covers 1 of the protocol's 2 seeds (--seeds); the means below are over those (one run: "
-            "no std).") in (out / "report.md").read_text()
+    assert ("RUNS: this run covers 1 of the protocol's 2 seeds (--seeds); the means in this report are over those "
+            "(one run: no std).") in (out / "report.md").read_text()
     model, splits, _ = cli.load_run(out / "runs" / "std" / "seed0")
     same, other = (run_fingerprint(model, ds, "STD") for ds in (splits.test, splits.val))
     assert same["test_sha256"] != other["test_sha256"]  # another test set is evaluated again
@@ -3243,7 +3247,7 @@ def test_reproduce_runs_note_for_more_seeds_than_the_protocols(small_npz, tmp_pa
     proto = _tiny_protocol("seeds", [("STD", "standard")])
     proto.repeats = 1
     run_protocol(proto, out=tmp_path / "more", data=str(small_npz), seeds=2, epochs=1, progress=False)
-    assert ("RUNS: this run covers 2 seeds, the protocol 1 (--seeds); the means below are over those.\n"
+    assert ("RUNS: this run covers 2 seeds, the protocol 1 (--seeds); the means in this report are over those.\n"
             in (tmp_path / "more" / "report.md").read_text())
 
 

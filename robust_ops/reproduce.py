@@ -1016,7 +1016,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
         runs = (f"{repeats} of the protocol's {protocol.repeats} {unit}" if repeats < protocol.repeats else
                 f"{repeats} {unit}, the protocol {protocol.repeats}")
         notes.insert(0, f"RUNS: this run covers {runs} (--seeds); "
-                        f"the means below are over those{' (one run: no std)' if repeats == 1 else ''}.")
+                        f"the means in this report are over those{' (one run: no std)' if repeats == 1 else ''}.")
     if schedule:  # the protocol's notes describe its own schedule (no warm-up, no early stopping)
         notes.insert(0, f"SCHEDULE: this run trained with the paper's schedule (--paper-schedule): the classifier "
                         f"head alone for {counted(warmup, 'epoch')}, then all layers for {epochs}, at lr {lr:g}, "
@@ -1027,7 +1027,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                         f"(--methods); the protocol's other methods have no numbers of ours here.")
     if quick:
         notes.insert(0, f"QUICK MODE: a smoke run on small subsets for a few epochs, attacks capped at {QUICK_STEPS} "
-                        "steps / draws; the numbers below mean nothing.")
+                        "steps / draws; the numbers in this report mean nothing.")
     extra = "\n".join(["## Published numbers beside ours", "", comparison, "", "## Notes", "",
                        *(f"- {n}" for n in notes)])
     config = {"protocol": protocol.name, "paper": protocol.paper, "quick": quick, "data": data, "size": size,
@@ -1046,8 +1046,11 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
         saliency = (models, x[:4], y[:4])
     info = _sources_over(splits.info, repeats, protocol.split)  # the means are over every seed, not the last one
     info = _missing_over_runs(info, run_infos)
+    # report.md's notes come after its tables: a quick run's tables sat beside the paper's numbers without a word
+    title = f"Reproduction: {protocol.paper}" + (" (QUICK MODE: a smoke run, its numbers mean nothing)" if quick
+                                                 else "")
     paths = write_results_to_out(out, rows, info, config=config, device=device, paper=protocol.paper_rows,
-                                 notes=notes, title=f"Reproduction: {protocol.paper}", saliency=saliency,
+                                 notes=notes, title=title, saliency=saliency,
                                  extra_markdown=extra, extra_fields={"per_run_rows": all_rows})
     print()
     # what the table's sensitivity is of, and the classes its macro averages leave out, as eval prints them
