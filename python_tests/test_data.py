@@ -1842,6 +1842,44 @@ def test_csv_paths_without_extension_find_a_suffix_in_capitals_and_skip_folders_
     assert sorted((x[:, 0, 4, 4] * 255).round().int().tolist()) == sorted(8 * i + p for p in (0, 1) for i in range(15))
 
 
+def _all_values_and_labels(s):
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+    y = torch.cat([s.train.tensors[1], s.val.tensors[1], s.test.tensors[1]])
+    return sorted(zip((x[:, 0, 4, 4] * 255).round().int().tolist(), y.tolist()))
+
+
+def test_csv_path_ids_find_an_other_case_extension_in_their_own_folder_only(tmp_path):
+    """An id with a folder and an extension whose file was not in that folder read a file of that name from any
+    other folder: pat3/view0.png (no pat3/) loaded pat1/view0.png, an image the CSV leaves out, under pat3's label;
+    C:/data/images/img0.png (a drive) loaded images/img0.png; pat1/view0.png and pat2/view0.png for files named
+    view0.PNG were 'listed but not found' (their names collided); images\\img0.PNG for images/img0.png was not
+    found while images/img0.PNG loaded (found by the data5 helper)."""
+    for p, (folder, base) in enumerate((("pat1", 0), ("pat2", 100))):
+        (tmp_path / folder).mkdir()
+        for i in range(0 if folder == "pat1" else 1, 12):  # no pat2/view0.png: pat1's is the only one
+            _png(tmp_path / folder / f"view{i}.png", (8, 8), base + i)
+    rows = [f"pat{p + 1}/view{i}.png,{p}" for p in (0, 1) for i in range(1, 12)]
+    (tmp_path / "m.csv").write_text("image_id,dx\n" + "\n".join(rows + ["pat3/view0.png,1"]) + "\n")
+    with pytest.raises(DataError, match=r"1 image\(s\) listed but not found under .*, e\.g\. pat3/view0\.png;"):
+        load_dataset(tmp_path / "m.csv", size=8, channels=1)
+    for drive in ("C:/data/pat1/view0.png", "C:\\data\\pat1\\view0.png"):  # either slash: no path under the folder
+        (tmp_path / "d.csv").write_text("image_id,dx\n" + "\n".join(rows + [f"{drive},1"]) + "\n")
+        with pytest.raises(DataError, match=r"1 image\(s\) listed but not found"):
+            load_dataset(tmp_path / "d.csv", size=8, channels=1)
+    # files with upper-case extensions in two folders: each id reads its own folder's
+    for folder in ("pat1", "pat2"):
+        (tmp_path / folder / "view1.png").rename(tmp_path / folder / "view1.PNG")
+    expected = sorted((base + i, p) for p, base in ((0, 0), (1, 100)) for i in range(1, 12))
+    for sep in ("/", "\\"):
+        ids = [f"pat{p + 1}{sep}view{i}.png,{p}" for p in (0, 1) for i in range(1, 12)]
+        (tmp_path / "u.csv").write_text("image_id,dx\n" + "\n".join(ids) + "\n")
+        assert _all_values_and_labels(load_dataset(tmp_path / "u.csv", size=8, channels=1)) == expected
+        # and the ids' extension in capitals for lower-case files (view1.PNG as written)
+        ids = [f"pat{p + 1}{sep}view{i}.PNG,{p}" for p in (0, 1) for i in range(1, 12)]
+        (tmp_path / "c.csv").write_text("image_id,dx\n" + "\n".join(ids) + "\n")
+        assert _all_values_and_labels(load_dataset(tmp_path / "c.csv", size=8, channels=1)) == expected
+
+
 def test_csv_rows_naming_two_links_to_one_blob_are_two_images(tmp_path):
     """Two names linked to one file (git-annex's, DVC's or a hub cache's store of byte-identical images) were refused
     as 'rows ... name the same file' once paths were read, where the set loaded before: the rows name two files of

@@ -605,7 +605,8 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     """CSV metadata + image folder (HAM10000 layout: ``image_id`` and ``dx`` columns; images named
     ``<image_id>.<ext>`` anywhere under ``image_dir``, default the CSV's folder, e.g. HAM10000_images_part_1/ and
     _part_2/, or ``<image_id>`` there when it has an image suffix; an image_id holding a folder is a path relative to
-    ``image_dir``, ``pat1/view1.png`` or ``pat1/view1``, read as written: ``..`` or an absolute path may leave it).
+    ``image_dir``, ``pat1/view1.png`` (its extension in any case, in that folder only) or ``pat1/view1``, read as
+    written: ``..`` or an absolute path may leave it).
 
     csv_path: the CSV file (str or path-like). size, seed: as for :func:`load_busi` (the side length images are
     padded and resized to, None: 224; the split's seed, default 0). id_column (default "image_id") and label_column
@@ -772,15 +773,20 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     # stripped to file names, which then repeated (view1 of every patient) and were refused as listed twice
     for image_id in {image_id for image_id, _ in kept if "/" in image_id or "\\" in image_id}:
         p = root / image_id.replace("\\", "/")
-        if p.suffix.lower() in IMAGE_SUFFIXES:
-            found = [p] if p.is_file() else []
-        else:  # a path without its extension (pat1/view1), as a name is given
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+            found = [p]
+        else:  # a path without its extension (pat1/view1), as a name is given, or with it in other case
+            # (pat1/view1.png for pat1/view1.PNG): in its own folder only, where the name-wide lookup below read
+            # a file of that name from any folder (pat3/view0.png, no pat3/, read pat1/view0.png, another class's)
             if p.parent not in listed:
                 listed[p.parent] = _images_by_stem(p.parent)
-            found = list(listed[p.parent].get(p.name, ()))
+            found = [q for q in listed[p.parent].get(p.stem, ()) if q.suffix.lower() == p.suffix.lower()] \
+                if p.suffix.lower() in IMAGE_SUFFIXES else list(listed[p.parent].get(p.name, ()))
         if found:
             index[image_id] = found
-    wanted = {image_id for image_id, _ in kept if image_id not in index}
+    # the names without a folder: an id with one names its file by path, found above or not at all
+    wanted = {image_id for image_id, _ in kept if image_id not in index and "/" not in image_id
+              and "\\" not in image_id}
     # a name with its extension in other case (img1.jpg for img1.JPG), which the name without it matched: taken
     # where no file has the exact name
     folded = {Path(i).stem + Path(i).suffix.lower(): i for i in wanted if Path(i).suffix.lower() in IMAGE_SUFFIXES}
