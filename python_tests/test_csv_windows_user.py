@@ -143,3 +143,24 @@ def test_getting_started_says_how_a_windows_export_is_read():
                      "matched by `--classes` as written, in case (`--classes benign,malignant` on labels `Benign`, "
                      "`Malignant` is an error listing the labels present, where class folders match in any case)"):
         assert sentence in text, sentence
+
+
+def test_excels_sep_line_is_skipped_and_counted_in_line_numbers(data):
+    """Excel writes a first line "sep=," when asked to name the separator: a comma CSV otherwise right was refused as
+    "missing column 'image_id' (found: sep=, )". It is skipped, its line still counted in the errors' line numbers;
+    "sep=;" keeps the semicolon advice (found by the data5 helper)."""
+    from robust_ops.data import DataError, load_dataset
+
+    text = "\r\n".join(["sep=,", "image_id,dx"] + [",".join(r) for r in _windows_rows()]) + "\r\n"
+    (data / "sep.csv").write_bytes(("\ufeff" + text).encode("utf-8"))
+    s = load_dataset(data / "sep.csv", size=8, channels=1)
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+    y = torch.cat([s.train.tensors[1], s.val.tensors[1], s.test.tensors[1]])
+    assert sorted(zip((x[:, 0, 4, 4] * 255).round().int().tolist(), y.tolist())) == [
+        (_value(k), k % 2) for k in range(N)]
+    (data / "empty.csv").write_text(text.replace("case002.png,Benign ", "case002.png,"))  # the file's line 5
+    with pytest.raises(DataError, match=r"empty\.csv: line 5: empty 'dx'"):
+        load_dataset(data / "empty.csv", size=8, channels=1)
+    (data / "semi.csv").write_text(text.replace(",", ";"))
+    with pytest.raises(DataError, match=r"the header looks ';'-separated: save the file comma-separated"):
+        load_dataset(data / "semi.csv", size=8, channels=1)

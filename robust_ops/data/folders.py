@@ -618,8 +618,8 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     Rows with other labels are left out -- a subset filter, like choosing class folders -- and recorded in
     ``info.extra``: ``excluded_labels`` (label -> row count) and ``excluded_samples`` (their total); their images
     need not exist. Each image_id must appear once and match exactly one image file (byte-identical copies
-    count as one); an empty id or label is an error. bit_depth: the scale of 16-bit images, as for
-    :func:`load_busi`. mode: "RGB" (default, three channels) or "L" (grayscale, one).
+    count as one); an empty id or label is an error. A first line ``sep=,`` (Excel's) is skipped. bit_depth: the
+    scale of 16-bit images, as for :func:`load_busi`. mode: "RGB" (default, three channels) or "L" (grayscale, one).
 
     split_by: "auto" (default) splits by ``lesion_id`` when the CSV has that column, else by image; "image" by image;
     another string names the column whose values group the rows. A grouped split puts every image of a group on one
@@ -652,6 +652,11 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         try:
+            # Excel's first line naming the separator, "sep=,": no data, where it was read as the header ("missing
+            # column 'image_id' (found: sep=, )"); "sep=;" stays, refused below as a ';'-separated header is
+            skipped = 1 if f.readline().strip() == "sep=," else 0
+            if not skipped:
+                f.seek(0)
             fields = [name.strip() for name in reader.fieldnames or []]
             reader.fieldnames = fields
             for col in (id_column, label_column):
@@ -686,20 +691,20 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
             groups, blank, patients = {}, {}, {}
             for r in reader:
                 if None in r:  # DictReader's rest of a row longer than the header: an unquoted comma in some value
-                    raise DataError(f"{csv_path}: line {reader.line_num}: {len(fields) + len(r[None])} values, but "
-                                    f"the header names {len(fields)} columns; quote a value that holds a comma "
-                                    "(\"melanoma, in situ\") -- which column it was in cannot be told, so the "
-                                    f"row's {id_column!r} and {label_column!r} could be misread")
+                    raise DataError(f"{csv_path}: line {reader.line_num + skipped}: {len(fields) + len(r[None])} "
+                                    f"values, but the header names {len(fields)} columns; quote a value that holds "
+                                    "a comma (\"melanoma, in situ\") -- which column it was in cannot be told, so "
+                                    f"the row's {id_column!r} and {label_column!r} could be misread")
                 # stripped: "mel " would otherwise become a class of its own beside "mel"
                 image_id, label = (r[id_column] or "").strip(), (r[label_column] or "").strip()
                 if not image_id or not label:  # None: a short row; "" would otherwise become a class or an id
                     col = id_column if not image_id else label_column
-                    raise DataError(f"{csv_path}: line {reader.line_num}: empty {col!r}; expected a value in every "
-                                    "row")
+                    raise DataError(f"{csv_path}: line {reader.line_num + skipped}: empty {col!r}; expected a value "
+                                    "in every row")
                 if group_column is not None:
                     groups[image_id] = (r[group_column] or "").strip()
                     if not groups[image_id]:  # refused below if kept: a row classes= leaves out needs no group
-                        blank[image_id] = reader.line_num
+                        blank[image_id] = reader.line_num + skipped
                 if patient_column is not None:  # "NA" or "nan" (as R or pandas write a missing value): no patient,
                     # where it grouped every such row into one patient and told to split by it
                     patient = (r[patient_column] or "").strip()
