@@ -87,6 +87,9 @@ def test_a_windows_export_trains_and_evaluates_with_each_image_under_its_label_o
     ("cp1252", ["not UTF-8 text (", "); save it as UTF-8"]),
     ("utf16", ["not UTF-8 text (invalid start byte at byte 0); save it as UTF-8"]),
     ("twice", ["1 image_id(s) listed more than once, e.g. images\\case005.png; expected one row per image"]),
+    # quoted as written: repr doubled the backslashes, 'images\\case005.png' (found by the data5 helper)
+    ("samefile", ["rows 'images\\case005.png' and 'images\\.\\case005.png' name the same file; expected one row "
+                  "per image"]),
     ("missing", ["1 image(s) listed but not found under", "e.g. images\\case099.png",
                  "-- put their image files under", "or remove their rows from the CSV"]),
     ("drive", [f"{N} image(s) listed but not found under", "e.g. C:\\data\\images\\case000.png, ",
@@ -105,6 +108,8 @@ def test_an_export_that_cannot_be_read_is_one_line_naming_the_file_and_the_fix(d
         _write(path, ["image_id", "dx"], rows, sep="\t", encoding="utf-16-le")
     elif variant == "twice":
         _write(path, ["image_id", "dx"], rows + _windows_rows([5]))
+    elif variant == "samefile":
+        _write(path, ["image_id", "dx"], rows + [("images\\.\\case005.png", _label(5))])
     elif variant == "missing":
         _write(path, ["image_id", "dx"], rows + _windows_rows([99]))
     else:  # absolute Windows paths: no path relative to the CSV's folder here

@@ -855,8 +855,9 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
         by_file.setdefault(_resolved(index[image_id][0], folders), []).append(image_id)
     twice = next((ids for ids in by_file.values() if len(ids) > 1), None)
     if twice:
-        raise DataError(f"{csv_path}: rows {' and '.join(map(repr, twice[:2]))} name the same file; expected one row "
-                        "per image")
+        # quoted as written: repr doubled a Windows id's backslashes ('images\\case005.png')
+        quoted = " and ".join(repr(i) if "'" in i else f"'{i}'" for i in twice[:2])
+        raise DataError(f"{csv_path}: rows {quoted} name the same file; expected one row per image")
     check_images_fit(f"load_csv({csv_path})", len(kept), size, channels=3 if mode == "RGB" else 1)
     arrays, stats = read_images([index[image_id][0] for image_id, _ in kept], size, mode, bit_depth)
     _check_16_bit(stats, csv_path, bit_depth, stacklevel)
