@@ -86,7 +86,8 @@ def test_a_windows_export_trains_and_evaluates_with_each_image_under_its_label_o
                 "column dx"]),
     ("cp1252", ["not UTF-8 text (", "); save it as UTF-8"]),
     ("utf16", ["not UTF-8 text (invalid start byte at byte 0); save it as UTF-8"]),
-    ("twice", ["1 image_id(s) listed more than once, e.g. images\\case005.png; expected one row per image"]),
+    ("twice", ["1 image_id(s) listed more than once, e.g. images\\case005.png (lines 7 and 22); expected one row "
+               "per image"]),
     # quoted as written: repr doubled the backslashes, 'images\\case005.png' (found by the data5 helper)
     ("samefile", ["rows 'images\\case005.png' and 'images\\.\\case005.png' name the same file; expected one row "
                   "per image"]),

@@ -647,7 +647,7 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     if not isinstance(split_by, str) or not split_by.strip():
         raise DataError(f"load_csv({csv_path}): expected split_by to be 'auto', 'image' or a column name, got "
                         f"{split_by!r}", arg="split_by")
-    rows = []
+    rows, lines = [], []  # lines: each row's line in the file, for the errors naming a row
     # utf-8-sig: spreadsheet exports start with a byte-order mark that would otherwise hide the first column's name
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -710,6 +710,7 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
                     patient = (r[patient_column] or "").strip()
                     patients[image_id] = "" if patient in MISSING_LABELS else patient
                 rows.append((image_id, label))
+                lines.append(reader.line_num + skipped)
         except UnicodeDecodeError as err:
             where = f"{err.reason} at byte {err.start}"
             raise DataError(f"{csv_path}: not UTF-8 text ({where}); save it as UTF-8") from None
@@ -718,7 +719,12 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     seen = Counter(image_id for image_id, _ in rows)
     dup = sorted(i for i, n in seen.items() if n > 1)
     if dup:  # the same image twice could land in both train and test
-        raise DataError(f"{csv_path}: {len(dup)} image_id(s) listed more than once, e.g. {listing(dup, 3)}; "
+        at = {}
+        for (image_id, _), line in zip(rows, lines):
+            at.setdefault(image_id, []).append(str(line))
+        # with their lines: a long export's duplicate rows were left to find by hand
+        named = listing((f"{i} (lines {' and '.join(at[i][:2])})" for i in dup), 3)
+        raise DataError(f"{csv_path}: {len(dup)} image_id(s) listed more than once, e.g. {named}; "
                         f"expected one row per image")
     counts = Counter(label for _, label in rows)
     folded = {}
@@ -727,8 +733,10 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
         folded.setdefault(key, []).append(label)
     clash = next((v for v in folded.values() if len(v) > 1), None)
     if clash:  # "Malignant" beside "malignant", or "01" beside "1", would silently become a class of its own
+        first = [str(next(line for (_, label), line in zip(rows, lines) if label == c)) for c in clash[:2]]
         raise DataError(f"{csv_path}: labels {' and '.join(map(repr, clash))} in column {label_column!r} differ only "
-                        "in case or leading zeros and would be separate classes; write each label one way")
+                        f"in case or leading zeros (first on lines {' and '.join(first)}) and would be separate "
+                        "classes; write each label one way")
     if classes is None:
         names = sorted(counts, key=_label_order(counts))
         na = [n for n in names if n in MISSING_LABELS]
