@@ -85,7 +85,9 @@ def test_a_windows_export_trains_and_evaluates_with_each_image_under_its_label_o
     ("header", ["missing column 'image_id' (found: Filename, Label); name the image column image_id and the label "
                 "column dx"]),
     ("cp1252", ["not UTF-8 text (", "); save it as UTF-8"]),
-    ("utf16", ["not UTF-8 text (invalid start byte at byte 0); save it as UTF-8"]),
+    # named as UTF-16: "(invalid start byte at byte 0)" named no encoding to change (found by the data5 helper)
+    ("utf16", ["not UTF-8 text (UTF-16, as Excel's \"Unicode Text\" saves it, tab-separated); save it as UTF-8, "
+               "comma-separated (Excel's \"CSV UTF-8\")"]),
     ("twice", ["1 image_id(s) listed more than once, e.g. images\\case005.png (lines 7 and 22); expected one row "
                "per image"]),
     # quoted as written: repr doubled the backslashes, 'images\\case005.png' (found by the data5 helper)

@@ -712,6 +712,11 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
                 rows.append((image_id, label))
                 lines.append(reader.line_num + skipped)
         except UnicodeDecodeError as err:
+            with open(csv_path, "rb") as raw:
+                utf16 = raw.read(2) in (b"\xff\xfe", b"\xfe\xff")  # UTF-16's byte-order mark, little or big end
+            if utf16:  # was "(invalid start byte at byte 0)", which named no encoding to change
+                raise DataError(f"{csv_path}: not UTF-8 text (UTF-16, as Excel's \"Unicode Text\" saves it, "
+                                "tab-separated); save it as UTF-8, comma-separated (Excel's \"CSV UTF-8\")") from None
             where = f"{err.reason} at byte {err.start}"
             raise DataError(f"{csv_path}: not UTF-8 text ({where}); save it as UTF-8") from None
     if not rows:
