@@ -172,3 +172,21 @@ def test_excels_sep_line_is_skipped_and_counted_in_line_numbers(data):
     (data / "semi.csv").write_text(text.replace(",", ";"))
     with pytest.raises(DataError, match=r"the header looks ';'-separated: save the file comma-separated"):
         load_dataset(data / "semi.csv", size=8, channels=1)
+
+
+@pytest.mark.parametrize("name, fix", [("labels.csv.txt", "a CSV whose name ends in .txt (which Windows hides): "
+                                                          "rename it labels.csv"),
+                                       ("labels.tsv", "tab-separated: save it comma-separated, its name ending in "
+                                                      ".csv")])
+def test_a_csv_saved_under_another_name_is_told_the_rename(data, tmp_path, capsys, name, fix):
+    """Saved as text, labels.csv is labels.csv.txt, shown as labels.csv where Windows hides known extensions: it was
+    "not a dataset this library reads", and with --channels 1 told to drop --channels, which cannot help (found by
+    the data5 helper)."""
+    sep = "\t" if name.endswith(".tsv") else ","
+    path = _write(data / name, ["image_id", "dx"], _windows_rows(), sep=sep)
+    for extra in ([], ["--channels", "1"]):
+        rc, _, err = run(["train", "--data", path, "--size", "8", "--model", "mlp", "--epochs", "1", *extra,
+                          "--out", tmp_path / "run", "--no-progress", "--device", "cpu"], capsys)
+        one_line_error(rc, err, f"robust-ops train: error: --data: {path}: not a dataset this library reads "
+                                f"(expected an .npz file, a .csv file or a folder); {fix}")
+    assert not (tmp_path / "run").exists()

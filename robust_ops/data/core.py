@@ -467,6 +467,16 @@ def reads_image_files(spec):
     return str(spec).lower().endswith(".csv") or Path(str(spec)).expanduser().is_dir()
 
 
+def _unread_file_text(text):
+    """The error for a file of no kind load_dataset reads, with the rename a CSV saved under another name needs."""
+    low, hint = text.lower(), ""
+    if low.endswith(".csv.txt"):  # Windows hides a known extension: labels.csv saved as text looks like a .csv
+        hint = f"; a CSV whose name ends in .txt (which Windows hides): rename it {Path(text).name[:-4]}"
+    elif low.endswith(".tsv"):  # Excel's "Text (Tab delimited)" export
+        hint = "; tab-separated: save it comma-separated, its name ending in .csv"
+    return f"{text}: not a dataset this library reads (expected an .npz file, a .csv file or a folder){hint}"
+
+
 def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None, download=False, bit_depth=None,
                  split_by=None, channels=None, rare_classes=None):
     """Load a dataset by spec and return ``DatasetSplits(train, val, test, info)``.
@@ -517,6 +527,9 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     known = low in SYNTHETIC_NAMES or low in MOONS_NAMES or medmnist_name or low.endswith((".npz", ".csv")) \
         or path.exists()
     image_files = reads_image_files(text)
+    if path.is_file() and not (low in SYNTHETIC_NAMES or low in MOONS_NAMES or medmnist_name
+                               or low.endswith((".npz", ".csv"))):  # first: "drop --channels" was said of it
+        raise DataError(_unread_file_text(text))
     if known and classes is not None and not image_files and not (low.endswith(".npz") and not medmnist_name):
         raise DataError(f"{text}: classes= selects class folders or CSV labels, or names an .npz file's labels; "
                         f"this source has fixed classes{_fixed_classes_text(low)} -- drop classes=", arg="classes")
@@ -564,7 +577,7 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     if medmnist_name:
         return medmnist.load_medmnist(low, root=root, size=size, download=download)
     if path.exists():
-        raise DataError(f"{text}: not a dataset this library reads (expected an .npz file, a .csv file or a folder)")
+        raise DataError(_unread_file_text(text))
     raise DataError(
         f"{text}: no such file or folder, and not a known dataset name (expected synthetic, moons, a MedMNIST name "
         f"such as breastmnist, an .npz/.csv path or a BUSI-style folder)"
