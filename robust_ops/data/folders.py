@@ -676,6 +676,11 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
                                 f"ground-truth files), and one label column is read: write each row's class name into "
                                 f"one column {label_column!r}"
                                 + (f", and name the image column {id_column!r}" if id_column not in fields else ""))
+                    columns = {id_column.casefold(): id_column, label_column.casefold(): label_column}
+                    cased = [f"{f} to {columns[f.casefold()]}" for f in fields
+                             if f.casefold() in columns and f not in (id_column, label_column)]
+                    if not hint and cased:  # IMAGE_ID, DX: told to "name the image column image_id", as it was
+                        hint = f"; column names are matched in case: rename {' and '.join(cased)}"
                     if not hint and (id_column, label_column) == ("image_id", "dx") and len(fields) >= 2:
                         # the command line has no flag naming the columns: renaming them is the fix there
                         hint = ("; name the image column image_id and the label column dx (the HAM10000 layout), or "
