@@ -87,6 +87,9 @@ def test_a_windows_export_trains_and_evaluates_with_each_image_under_its_label_o
     # was told to "name the image column image_id and the label column dx" (found by the data5 helper)
     ("capitals", ["missing column 'image_id' (found: IMAGE_ID, DX); column names are matched in case: rename "
                   "IMAGE_ID to image_id and DX to dx"]),
+    # was told to put the files under the folder, which holds them (found by the data5 helper)
+    ("case", [f"{N} image(s) listed but not found under", "; Images\\CASE000.PNG is images/case000.png in other case "
+              "-- write the ids as the files are named: their folders and names are matched in case"]),
     ("cp1252", ["not UTF-8 text (", "); save it as UTF-8"]),
     # named as UTF-16: "(invalid start byte at byte 0)" named no encoding to change (found by the data5 helper)
     ("utf16", ["not UTF-8 text (UTF-16, as Excel's \"Unicode Text\" saves it, tab-separated); save it as UTF-8, "
@@ -110,6 +113,9 @@ def test_an_export_that_cannot_be_read_is_one_line_naming_the_file_and_the_fix(d
         _write(path, ["Filename", "Label"], rows)
     elif variant == "capitals":
         _write(path, ["IMAGE_ID", "DX"], rows)
+    elif variant == "case":  # typed by hand: the folder and a name in other case
+        _write(path, ["image_id", "dx"], [(i.replace("images", "Images").replace("case000.png", "CASE000.PNG"), lab)
+                                          for i, lab in rows])
     elif variant == "cp1252":  # Excel's "CSV" in the machine's ANSI code page
         _write(path, ["image_id", "dx"], [(i, "B\u00e9nin") for i, _ in rows], encoding="cp1252", bom=False)
     elif variant == "utf16":  # Excel's "Unicode Text"

@@ -300,6 +300,21 @@ def _images_by_stem(folder):
     return stems
 
 
+def _path_in_other_case(root, rel):
+    """The file under ``root`` that the relative path ``rel`` names in other case (Images/CASE000.PNG for
+    images/case000.png), as a path relative to ``root``, or None: each folder and the name compared casefolded."""
+    here = root
+    for part in rel.split("/"):
+        try:
+            same = sorted(q for q in here.iterdir() if q.name.casefold() == part.casefold())
+        except OSError:
+            return None
+        if not same:
+            return None
+        here = same[0]
+    return here.relative_to(root).as_posix() if here.is_file() else None
+
+
 def _resolved(path, folders):
     """``path`` in its folder's ``os.path.realpath``, read once per folder in ``folders`` (a dict kept by the caller):
     a resolve() of every row of load_csv read each of its path's components, 0.15 s for 2,000 rows on a loaded
@@ -838,6 +853,11 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
         # the fix last: the count and examples alone left the user to guess whether to move files or edit the CSV
         fix = (f"put the image files (or the folders holding them) under {root}" if len(missing) == len(kept) else
                f"put their image files under {root}, or remove their rows from the CSV")
+        cased = next(((i, q) for i in missing[:3] if "/" in i or "\\" in i
+                      for q in [_path_in_other_case(root, i.replace("\\", "/"))] if q), None)
+        if cased:  # Images\CASE000.PNG for images/case000.png: "put the image files under" the folder holding them
+            hint += f"; {cased[0]} is {cased[1]} in other case"
+            fix = "write the ids as the files are named: their folders and names are matched in case"
         raise DataError(f"{csv_path}: {len(missing)} image(s) listed but not found under {root}, "
                         f"e.g. {', '.join(missing[:3])}{hint} -- {fix}")
     for image_id, ps in index.items():
