@@ -201,3 +201,33 @@ def test_a_csv_saved_under_another_name_is_told_the_rename(data, tmp_path, capsy
         one_line_error(rc, err, f"robust-ops train: error: --data: {path}: not a dataset this library reads "
                                 f"(expected an .npz file, a .csv file or a folder); {fix}")
     assert not (tmp_path / "run").exists()
+
+
+def test_ids_saved_with_slashes_instead_of_backslashes_are_the_runs_own_data(data, tmp_path, capsys):
+    """The image list's fingerprint hashed ids as written, so a run's own CSV saved again with images/case000.png for
+    images\\case000.png (the same files, in the same order) was refused by eval as "holds other images, names or row
+    order than when the run was trained" (found by the csvuser helper). Ids' folders are now hashed with "/"; a run
+    recorded before that (its digest of the ids as written with "\\") is accepted as well; other rows still differ."""
+    from robust_ops.data import load_dataset
+
+    csv_path = _write(data / "labels.csv", ["image_id", "dx"], _windows_rows())
+    out = tmp_path / "run"
+    train = ["train", "--data", csv_path, "--size", "8", "--channels", "1", "--model", "mlp", "--no-progress",
+             "--device", "cpu", "--out", out]
+    assert run(train + ["--epochs", "1"], capsys)[0] == 0
+    attack = ["--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu", "--out", tmp_path / "e"]
+    slashed = [(i.replace("\\", "/"), lab) for i, lab in _windows_rows()]
+    for recorded_as_written in (False, True):
+        if recorded_as_written:  # as a run trained before: its run.json holds the digest of the ids as written
+            _write(csv_path, ["image_id", "dx"], _windows_rows())
+            extra = load_dataset(csv_path, size=8, channels=1).info.extra
+            doc = json.loads((out / "run.json").read_text())
+            doc["dataset"]["samples_digest"] = extra["samples_digest_backslashed"]
+            (out / "run.json").write_text(json.dumps(doc))
+        _write(csv_path, ["image_id", "dx"], slashed)
+        rc, _, err = run(["eval", out, *attack], capsys)
+        assert rc == 0, (recorded_as_written, err)
+    assert run(train + ["--epochs", "2", "--resume"], capsys)[0] == 0
+    _write(csv_path, ["image_id", "dx"], slashed[1:] + slashed[:1])
+    rc, _, err = run(["eval", out, *attack], capsys)
+    assert rc == 2 and "holds other images, names or row order than when the run was trained" in err, err

@@ -1093,6 +1093,8 @@ def resume_conflict(out, run):
                        # as many images, others (an .npz replaced in place): fit refused them at the run's turn
                        ("train_data_sha256", lambda r: r.get("train_data_sha256"))):
         was, now = value(old), value(run)
+        if key == "samples_digest" and was == (run.get("dataset") or {}).get("samples_digest_backslashed"):
+            continue  # recorded before ids' "\\" were read as "/": as written
         if was is not None and now is not None and was != now:
             return key, was, now
     done = epochs_done(out)
@@ -1834,7 +1836,10 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
                        "data or train again")
     was = (run.get("dataset") or {}).get("samples_digest")
     now = splits.info.extra.get("samples_digest")
-    if same_data and was and now is not None and was != now:  # same counts, other order, names or labels
+    # same counts, other order, names or labels (a run trained before ids' "\\" were read as "/" recorded them as
+    # written: that digest too)
+    as_written = splits.info.extra.get("samples_digest_backslashed")
+    if same_data and was and now is not None and was not in (now, as_written):
         raise CLIError(f"{flag}: {data} holds other images, names or row order than when the run was trained (same "
                        "class counts); its split would differ and could test on training images -- restore the data "
                        "or train again")

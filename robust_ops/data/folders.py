@@ -901,13 +901,21 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     _check_16_bit(stats, csv_path, bit_depth, stacklevel)
     _check_upscale(stats, csv_path, size, size_given, stacklevel)
     x, y = _stack(arrays, [label for _, label in kept])
+
+    def digest(id_as):  # ids' folders as "/": images\\a.png and images/a.png name one file
+        return _samples_digest((id_as(image_id), names[label], *([groups[image_id]] if group_column else []))
+                               for image_id, label in kept)
+
     info = DatasetInfo(
         name=csv_path.stem, num_classes=len(names), in_channels=x.shape[1], image_size=size,
         class_names=tuple(names), positive_class=_positive(names), synthetic=False, source=str(csv_path),
         extra={"excluded_samples": sum(excluded.values()), "excluded_labels": excluded,
                "class_counts": {n: counts[n] for n in names},  # eval checks the data is unchanged
-               "samples_digest": _samples_digest((image_id, names[label], *([groups[image_id]] if group_column else []))
-                                                 for image_id, label in kept),
+               "samples_digest": digest(lambda image_id: image_id.replace("\\", "/")),
+               # a run trained before ids' "\\" were read as "/" recorded them as written: their digest, which eval
+               # and --resume accept too
+               **({"samples_digest_backslashed": digest(lambda image_id: image_id.replace("/", "\\"))}
+                  if any("/" in i or "\\" in i for i, _ in kept) else {}),
                **_bit_depth_record(bit_depth),
                **({"split_by": group_column} if group_column else {})},  # image splits: records as before
     )
