@@ -18,7 +18,7 @@ from robust_ops import attacks, defenses, ima
 from robust_ops.attacks import context
 from robust_ops.attacks.core import run_pgd
 
-from utils import TinyCNN, assert_verbose_equal, host_reads
+from utils import TinyCNN, assert_verbose_equal, host_reads, run_python
 
 torchattacks = pytest.importorskip("torchattacks")
 
@@ -6941,40 +6941,34 @@ def test_bool_rho_and_dice_threshold_are_refused():
 def test_bad_seed_errors_name_the_attack():
     # the message said "attack: ...", and a seed beyond manual_seed's range met torch's bare "Overflow when unpacking"
     model, x, y = TinyCNN(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
-    with pytest.raises(TypeError, match="^pgd: expected seed to be an int or None, got str$"):
+    with pytest.raises(ValueError, match=r"^pgd: expected seed to be an integer from 0 to 4294967295 .* or None, "
+                                         r"got '0'$"):
         attacks.PGD(model, seed="0")(x, y)
-    with pytest.raises(ValueError, match=r"^square: expected seed in \[-2\*\*63, 2\*\*64\), got 2{0}"):
+    with pytest.raises(ValueError, match=r"^square: expected seed to be an integer from 0 to 4294967295 .*, got 2{0}"):
         attacks.Square(model, n_queries=1, seed=2 ** 70)(x, y)
 
 
-def test_seeds_up_to_2_to_the_64_are_taken_as_manual_seed_takes_them():
-    # [-2**63, 2**64) is manual_seed's range, unsigned 64-bit seeds included (mutation testing of attacks core:
-    # refusing seeds >= 2**63 survived)
+def test_seeds_at_both_ends_of_the_seed_range():
+    # 0 and 2**32 - 1 are taken as manual_seed takes them; -1 and 2**32 are refused when built (torch's CPU generator
+    # reads a seed's low 32 bits: they repeated 2**32 - 1's and 0's draws), as -2**63 and 2**64 - 1 are, which
+    # manual_seed's own range [-2**63, 2**64) took until 2026-12-07 (mutation testing of check_seed: <= for < at
+    # either end survived) (found by the mut53 helper)
     model, x, y = TinyCNN(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
-    got = attacks.PGD(model, steps=1, seed=2 ** 64 - 1)(x, y)
-    want = attacks.pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=1,
-                       generator=torch.Generator().manual_seed(2 ** 64 - 1))
-    assert torch.equal(got, want)
-
-
-def test_seeds_at_both_ends_of_manual_seeds_range():
-    # -2**63 is taken as manual_seed takes it, 2**64 and -2**63 - 1 are refused when built, not met as torch's bare
-    # "Overflow when unpacking long long" at the first call (mutation testing of check_seed: <= for < at either end
-    # survived) (found by the mut53 helper)
-    model, x, y = TinyCNN(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
-    got = attacks.PGD(model, steps=1, seed=-2 ** 63)(x, y)
-    want = attacks.pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=1,
-                       generator=torch.Generator().manual_seed(-2 ** 63))
-    assert torch.equal(got, want)
-    for seed in (2 ** 64, -2 ** 63 - 1):
-        with pytest.raises(ValueError, match=rf"^pgd: expected seed in \[-2\*\*63, 2\*\*64\), got {seed}$"):
+    for seed in (0, 2 ** 32 - 1):
+        got = attacks.PGD(model, steps=1, seed=seed)(x, y)
+        want = attacks.pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=1,
+                           generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(got, want)
+    for seed in (-1, 2 ** 32, 2 ** 64 - 1, -2 ** 63):
+        with pytest.raises(ValueError, match=rf"^pgd: expected seed to be an integer from 0 to 4294967295 .*, "
+                                             rf"got {seed}$"):
             attacks.PGD(model, steps=1, seed=seed)
 
 
 def test_a_bool_seed_is_refused():
     # seed=True is no seed (it ran as manual_seed(1)) (mutation testing of attacks core: accepting bools survived)
     model, x, y = TinyCNN(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
-    with pytest.raises(TypeError, match="^pgd: expected seed to be an int or None, got bool$"):
+    with pytest.raises(ValueError, match="^pgd: expected seed to be an integer from 0 to .*, got True$"):
         attacks.PGD(model, steps=1, seed=True)(x, y)
 
 
@@ -6997,9 +6991,39 @@ def test_white_noise_has_no_targeted_mode():
 
 
 def test_the_lowest_seed_is_taken():
-    # -2**63 is the bottom of manual_seed's range (mutation testing of attacks core: an open lower bound survived)
+    # 0 is the bottom of the seed range (mutation testing of attacks core: an open lower bound survived)
     model, x, y = TinyCNN(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
-    attacks.PGD(model, steps=1, seed=-2 ** 63)(x, y)
+    attacks.PGD(model, steps=1, seed=0)(x, y)
+
+
+def test_every_seed_the_library_takes_is_one_rule_from_0_to_2_to_the_32():
+    """torch's CPU generator reads a seed's low 32 bits, so PGD(model, seed=2**32) repeated seed 0's random start
+    (attacks took [-2**63, 2**64)), evaluate(seed=2**32) seed 0's rows (any int >= 0) and simclr(seed=2**32, 2**64,
+    -2**63) trained seed 0's weights (any int), while fit refused them: one check now (robust_ops._options.check_seed),
+    in each caller's name, and the attacks still import nothing of robust_ops.train."""
+    from robust_ops.data import DatasetInfo
+    from robust_ops.evaluate import EvalError, evaluate
+    from robust_ops.pretrain import simclr
+    from robust_ops.train import fit
+
+    rule = (r"expected seed to be an integer from 0 to 4294967295 \(2\*\*32 - 1: numpy's seeds; torch's CPU generator "
+            r"reads a seed's low 32 bits, so other seeds repeat one of these\)")
+    model, x, y = TinyCNN(), torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
+    data = torch.utils.data.TensorDataset(x, y)
+    info = DatasetInfo("tiny", 2, 1, 8, ("a", "b"), positive_class=1)
+    for seed in (2 ** 32, -1):
+        for make in (attacks.PGD, attacks.Square, attacks.APGD, attacks.FAB, attacks.WhiteNoise, attacks.AutoAttack):
+            with pytest.raises(ValueError, match=rf"^\S+: {rule} or None, got {seed}$"):
+                make(model, seed=seed)
+        with pytest.raises(ValueError, match=rf"^simclr: {rule}, got {seed}$"):
+            simclr(model, torch.utils.data.TensorDataset(x), 1, batch_size=2, seed=seed, progress=False)
+        with pytest.raises(ValueError, match=rf"^fit: {rule}, got {seed}$"):
+            fit(model, "standard", data, epochs=1, batch_size=2, seed=seed, progress=False)
+        with pytest.raises(EvalError, match=rf"^seed: {rule}, got {seed}$"):
+            evaluate(model, data, info, attacks="fgsm", seed=seed)
+    assert attacks.PGD(model, steps=1, seed=2 ** 32 - 1).seed == 2 ** 32 - 1
+    code = "import sys, robust_ops.attacks; print(sorted(m for m in sys.modules if m.startswith('robust_ops.train')))"
+    assert run_python(code).strip() == "[]"
 
 
 def test_cw_class_starts_at_the_clean_inputs_by_default():
@@ -7529,15 +7553,13 @@ def test_attack_classes_refuse_a_bad_seed_when_built(cls, options, name):
     calls = []
     model.register_forward_hook(lambda *args: calls.append(1))
     make = getattr(attacks, cls)
-    for seed, error, message in (("0", TypeError, "expected seed to be an int or None, got str"),
-                                 (1.5, TypeError, "expected seed to be an int or None, got float"),
-                                 (2 ** 70, ValueError, r"expected seed in \[-2\*\*63, 2\*\*64\), got "
-                                                       r"1180591620717411303424")):
-        with pytest.raises(error, match=rf"^{re.escape(name)}: {message}$"):
+    for seed in ("0", 1.5, 2 ** 70, 2 ** 32, -1):  # the seed range since 2026-12-07 (was [-2**63, 2**64))
+        with pytest.raises(ValueError, match=rf"^{re.escape(name)}: expected seed to be an integer from 0 to "
+                                             rf"4294967295 .* or None, got {re.escape(repr(seed))}$"):
             make(model, seed=seed, **options)
     assert not calls
     make(model, seed=None, **options)
-    make(model, seed=2 ** 64 - 1, **options)
+    make(model, seed=2 ** 32 - 1, **options)
 
 
 @pytest.mark.parametrize("cls, name", [("PGD", "pgd"), ("PGDL2", "pgdl2"), ("BIM", "ifgsm"), ("CW", "cw")])
@@ -7632,7 +7654,7 @@ def test_run_time_checks_of_options_set_after_building_name_the_attack_and_the_b
         atk(x, y)
     atk = attacks.PGDL2(model, steps=1, seed=0)
     atk.seed = "0"
-    with pytest.raises(TypeError, match=r"^pgdl2: expected seed to be an int or None, got str$"):
+    with pytest.raises(ValueError, match=r"^pgdl2: expected seed to be an integer from 0 to .* or None, got '0'$"):
         atk(x, y)
 
 

@@ -168,18 +168,21 @@ def test_integer_attack_options_keep_their_digits_and_fit_in_64_bits():
     fab:steps=99999999999999999999 was labelled steps=100000000000000000000; a count past torch's 64-bit integers
     (apgd-ce:steps=1e22) was torch's multi-line 'Overflow when unpacking long long' from the dry run, and pgd's
     accepted, to run without end."""
-    (spec,) = parse_attacks("noise:seed=9007199254740993")
-    assert spec.options["seed"] == 9007199254740993 and spec.label == "noise(seed=9007199254740993)"
+    (spec,) = parse_attacks("noise:trials=9007199254740993")
+    assert spec.options["trials"] == 9007199254740993 and spec.label == "noise(trials=9007199254740993)"
     assert parse_attacks("pgd:steps=1e3")[0].options["steps"] == 1000
     assert parse_attacks("cw:steps=9223372036854775807")[0].options["steps"] == 2**63 - 1
-    assert parse_attacks("pgd:seed=18446744073709551615")[0].options["seed"] == 2**64 - 1  # a generator's range
-    for text, top in (("apgd-ce:steps=1e22", 63), ("pgd:steps=9223372036854775808", 63),
-                      ("noise:trials=99999999999999999999", 63), ("square:steps=-1e19", 63),
-                      ("pgd:seed=18446744073709551616", 64)):
+    # a seed is one the attacks take: 0 to 2**32 - 1 (until 2026-12-07 up to 2**64 - 1, torch reading its low bits)
+    assert parse_attacks("pgd:seed=4294967295")[0].options["seed"] == 2**32 - 1
+    wide = "-2**63, 2**63"
+    for text, bounds in (("apgd-ce:steps=1e22", wide), ("pgd:steps=9223372036854775808", wide),
+                         ("noise:trials=99999999999999999999", wide), ("square:steps=-1e19", wide),
+                         ("pgd:seed=4294967296", "0, 2**32"), ("pgd:seed=-1", "0, 2**32"),
+                         ("noise:seed=9007199254740993", "0, 2**32")):
         name, option = text.split(":")
         key, value = option.split("=")
         with pytest.raises(EvalError, match=re.escape(f"attacks: option {key}={value!r} of {name!r}: expected an "
-                                                      f"integer in [-2**63, 2**{top})")):
+                                                      f"integer in [{bounds})")):
             parse_attacks(text)
 
 
@@ -315,8 +318,9 @@ def test_evaluate_seed_makes_random_attacks_repeat_whatever_ran_before():
     assert evaluate(model, data, INFO, **kwargs) == rows
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left as it was
     assert evaluate(model, data, INFO, **{**kwargs, "seed": 6}) != rows  # the seed does decide the random start
-    for bad in (-1, 1.5, True):
-        with pytest.raises(EvalError, match=rf"^seed: expected seed to be an integer >= 0, got {bad!r}$"):
+    for bad in (-1, 1.5, True, 2**32):  # 2**32 drew seed 0's numbers until 2026-12-07
+        with pytest.raises(EvalError, match=rf"^seed: expected seed to be an integer from 0 to 4294967295 .*, "
+                                            rf"got {bad!r}$"):
             evaluate(model, data, INFO, attacks="fgsm", seed=bad)
 
 
@@ -944,10 +948,14 @@ def test_attack_errors_at_other_radii_are_eval_errors(ensemble):
 
 def test_a_bad_option_value_of_a_spec_object_is_an_eval_error():
     # AttackSpec objects skip parse_attacks' dry run: an option value the attack refuses with a TypeError (pgd's
-    # seed="x", when built since 2026-12-07, before only when run) ends as an EvalError naming attacks, as a ValueError
-    with pytest.raises(EvalError, match=r"^attacks: pgd: expected seed to be an int or None, got str$") as err:
-        evaluate(tiny_model(), tiny_data(8), INFO, attacks=[AttackSpec("pgd", {"seed": "x", "steps": 1})], eps=[0.1])
-    assert err.value.arg == "attacks"
+    # random_start="x"; seed="x" was one until 2026-12-07, a ValueError since) ends as an EvalError naming attacks, as
+    # a ValueError does
+    for option, message in (("random_start", "expected random_start to be True or False, got 'x'"),
+                            ("seed", "expected seed to be an integer from 0 to .* or None, got 'x'")):
+        with pytest.raises(EvalError, match=rf"^attacks: pgd: {message}$") as err:
+            evaluate(tiny_model(), tiny_data(8), INFO, attacks=[AttackSpec("pgd", {option: "x", "steps": 1})],
+                     eps=[0.1])
+        assert err.value.arg == "attacks"
 
 
 def test_empty_split_is_refused():

@@ -96,6 +96,23 @@ def check_int(name, arg, value, minimum=1, error=ValueError):
     return int(value)
 
 
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(name, seed, optional=False):
+    """``seed`` as an int from 0 to MAX_SEED (2**32 - 1), None passing through when ``optional`` (the global RNG),
+    else a ValueError naming ``name``: the one rule for every seed the library takes (fit, the attacks, evaluate,
+    simclr). numpy takes no other seeds and torch's CPU generator reads a seed's low 32 bits, so seed=2**32 drew
+    seed 0's numbers and -1 those of 2**32 - 1."""
+    if optional and seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{name}: expected seed to be an integer from 0 to {MAX_SEED} (2**32 - 1: numpy's seeds; "
+                         f"torch's CPU generator reads a seed's low 32 bits, so other seeds repeat one of these)"
+                         f"{' or None' if optional else ''}, got {seed!r}")
+    return int(seed)  # numpy's integers overflow in seed arithmetic (and need pickle in a checkpoint)
+
+
 def allocated(name, arg, value, what, make):
     """``make()``, an allocation whose size ``arg`` = ``value`` sets, with torch's refusal (a size past 2**63 bytes,
     more memory than there is) naming ``name`` and ``arg``: alone it named neither ("Storage size calculation

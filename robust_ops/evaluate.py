@@ -51,8 +51,8 @@ from torch.utils.data import TensorDataset
 
 from ._files import make_staging_folder, out_dir_problem, remove_staging_folder
 from ._import_path import PATH_HINT, is_import_path
-from ._options import (accepted_options, check_flags, check_int, check_usable_device, class_labels, listing,
-                       python_number)
+from ._options import (MAX_SEED, accepted_options, check_flags, check_int, check_seed, check_usable_device,
+                       class_labels, listing, python_number)
 from ._warn import warn
 from .attacks.context import (InputDtypeError, InputShapeError, NonFiniteOutputError,
                               check_attack_output, check_inside_ball, check_output, forward_naming_input_mismatch,
@@ -215,9 +215,10 @@ def _parse_option(name, key, value):
             raise bad("an integer")
         else:
             v = int(v)
-        top = 2**64 if key == "seed" else 2**63  # torch's 64-bit integers (a generator's seed: unsigned)
-        if not -2**63 <= v < top:  # apgd-ce:steps=1e22 was torch's multi-line "Overflow when unpacking long long"
-            raise bad(f"an integer in [-2**63, 2**{top.bit_length() - 1})")
+        if key == "seed" and not 0 <= v <= MAX_SEED:  # the attacks' seeds (fit's): torch reads the low 32 bits
+            raise bad("an integer in [0, 2**32)")
+        if not -2**63 <= v < 2**63:  # apgd-ce:steps=1e22 was torch's multi-line "Overflow when unpacking long long"
+            raise bad("an integer in [-2**63, 2**63)")
         return v
     if kind is str:
         return value.strip()
@@ -243,18 +244,18 @@ class _DryRunModel(torch.nn.Module):
 
 @contextlib.contextmanager
 def _seeded_rng(seed, device):
-    """The block draws from torch's RNG seeded with ``seed`` (an integer >= 0): the CPU's and, for an accelerator
-    ``device`` (cuda:1, mps), that device's; both are restored afterwards. torch.manual_seed would also reseed every
-    GPU (queued until CUDA starts when it has not), which fork_rng does not restore: a CPU evaluation replaced the
-    seed a user had set for the GPU training after it."""
+    """The block draws from torch's RNG seeded with ``seed`` (an integer from 0 to 2**32 - 1): the CPU's and, for an
+    accelerator ``device`` (cuda:1, mps), that device's; both are restored afterwards. torch.manual_seed would also
+    reseed every GPU (queued until CUDA starts when it has not), which fork_rng does not restore: a CPU evaluation
+    replaced the seed a user had set for the GPU training after it."""
     device = torch.device(device)
     own = [] if device.type == "cpu" else [device]
     with torch.random.fork_rng(devices=own, device_type=device.type if own else "cuda"):
-        torch.random.default_generator.manual_seed(seed % 2**64)
+        torch.random.default_generator.manual_seed(seed)
         if own:  # fork_rng has started the device's module (its get_rng_state)
             module = torch.get_device_module(device.type)
             with module.device(device) if hasattr(module, "device") else contextlib.nullcontext():
-                module.manual_seed(seed % 2**64)  # the current device's generator: ``device``'s
+                module.manual_seed(seed)  # the current device's generator: ``device``'s
         yield
 
 
@@ -667,7 +668,8 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
         cascade, ensemble (bool): the protocol (module docstring); default True, False.
         progress: a callable(str) told about each step; None (default) or False: nothing is told (False as fit's
             ``progress=False``; True is an error, there is no bar to draw).
-        seed: an integer >= 0 seeds the random draws of the attacks that take them from torch's RNG (PGD's random
+        seed: an integer from 0 to 2**32 - 1 (fit's seeds; torch reads a seed's low 32 bits, so others repeated one of
+            these) seeds the random draws of the attacks that take them from torch's RNG (PGD's random
             start, attacks without their own ``seed``) inside ``torch.random.fork_rng``: the rows then do not
             depend on what ran before in the process, and the global RNG stays as it was; None (default) draws from
             the global RNG, as torchattacks does. Either way it is one stream for the call, drawn row by row, so such
@@ -682,7 +684,7 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     """
     if seed is not None:
         try:
-            seed = check_int("seed", "seed", seed, minimum=0)
+            seed = check_seed("seed", seed)
         except ValueError as err:
             raise EvalError("seed", str(err)) from None
     _check_info(info)

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._options import check_choice, check_flags, check_int, check_real, check_usable_device
+from ._options import check_choice, check_flags, check_int, check_real, check_seed, check_usable_device
 from .attacks.context import check_gradients_possible, float32_or_wider, use_model_mode
-from .train import _torch_seed, check_trainable_precision
+from .train import check_trainable_precision
 
 HEAD_NAMES = ("fc", "classifier", "head")
 # What each image is paired with: "augmented" -- two augmented views (SimCLR's Algorithm 1); "original" -- the image
@@ -179,9 +179,7 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
     check_choice("simclr", "pair_with", pair_with, PAIRINGS)
     if augment is not None and not callable(augment):  # else "'bool' object is not callable" at the first batch
         raise TypeError(f"simclr: expected augment to be a callable batch -> batch or None, got {augment!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"simclr: expected seed to be an integer, got {seed!r}")
-    seed = _torch_seed(int(seed))  # as fit: numpy integers and seeds past torch's 64-bit range failed in manual_seed
+    seed = check_seed("simclr", seed)  # fit's rule: seed=2**32 (torch reads the low 32 bits) trained seed 0's weights
     if not (head is None or isinstance(head, str)):
         raise ValueError(f"simclr: expected head to be 'auto', a module attribute name or None, got {head!r}")
     device = check_usable_device("simclr", device)  # as fit: torch said "Found no NVIDIA driver" at model.to

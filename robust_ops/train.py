@@ -52,8 +52,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ._files import FolderInUse, check_writable, exclusive_folder, replace_atomically
-from ._options import (check_device, check_flags, check_int, check_real, check_usable_device, class_labels, counted,
-                       listing, python_number, refuse_unused)
+from ._options import (check_device, check_flags, check_int, check_real, check_seed, check_usable_device, class_labels,
+                       counted, listing, python_number, refuse_unused)
 from ._warn import warn_outside
 from .native_layers import library_speedups
 from .nn import DropMax2d
@@ -246,17 +246,6 @@ def _rng_state(device):
     if torch.device(device).type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
     return state
-
-
-def check_seed(name, seed):
-    """``seed`` as an int from 0 to 2**32 - 1 (robust-ops train's --seed range), else a ValueError naming ``name``:
-    numpy takes no other seeds and torch's CPU generator reads a seed's low 32 bits, so fit(seed=2**32) trained seed
-    0's run, and seed=2**64, -2**63 drew its permutations."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SKLEARN_SEED:
-        raise ValueError(f"{name}: expected seed to be an integer from 0 to {MAX_SKLEARN_SEED} (2**32 - 1: numpy's "
-                         f"seeds; torch's CPU generator reads a seed's low 32 bits, so other seeds repeat one of "
-                         f"these), got {seed!r}")
-    return int(seed)  # numpy's integers overflow in the seed arithmetic (and need pickle in the checkpoint)
 
 
 def _torch_seed(value):

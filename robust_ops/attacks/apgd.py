@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, functional
-from .._options import allocated, check_flags
+from .._options import allocated, check_flags, check_seed
 from .base import N_CLASSES_HINT, Attack, norm_first_hint, refuse_positional_options
 from .context import (InputGradScale, attack_context, best_other_logit, check_gradients_possible, check_inputs,
                       float32_or_wider, is_single_logit, predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_budget, check_linf_budget, check_linf_step_resolution, check_norm, check_steps,
                    clean_logits, finite_direction, forward, per_sample, project_l1, refuse_targeted, runner_up_targets)
-from .pgd import check_seed, make_generator
+from .pgd import make_generator
 
 APGD_LOSSES = ("ce", "dlr", "cw")
 # L1-APGD (Croce & Hein 2021, AutoAttack's constants): step size eps (alpha = 1), at first a step along the top 20% of
@@ -522,7 +522,7 @@ class APGD(Attack):
         self.use_largereps = use_largereps
         # here too, not only at the first call, which in an AutoAttack list came after the attacks before it
         _check_apgd_options(self.name, norm, steps, n_restarts, loss, rho, eot_iter, use_largereps)
-        check_seed(self.name, seed)
+        check_seed(self.name, seed, optional=True)
         check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max)
 
     def forward(self, x, y):
@@ -553,7 +553,7 @@ class APGDT(Attack):
         # here too, not only at the first call, which in an AutoAttack list came after the attacks before it
         _check_apgd_options(self.name, norm, steps, n_restarts, loss, rho, eot_iter, use_largereps)
         check_steps(self.name, n_target_classes, "n_target_classes")
-        check_seed(self.name, seed)
+        check_seed(self.name, seed, optional=True)
         check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max)
 
     def forward(self, x, y):

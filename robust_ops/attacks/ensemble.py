@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._options import check_flags
+from .._options import check_flags, check_seed
 from .._warn import warn
 from .base import N_CLASSES_HINT, Attack, refuse_positional_options
 from .core import (NORMS_WITH_L1, check_budget, check_labels_against, check_linf_budget, check_norm, check_steps,
@@ -14,7 +14,6 @@ from .core import (NORMS_WITH_L1, check_budget, check_labels_against, check_linf
 from .context import (attack_context, check_attack_output, check_inputs, looks_like_probabilities,
                       one_probabilities_warning, predict_from_output, recorded_bounds, values_within,
                       warn_probabilities)
-from .pgd import check_seed
 
 
 # AutoAttack's standard settings (Croce & Hein 2020), for the options not given
@@ -421,7 +420,7 @@ class AutoAttack(Attack):
             # after APGD-CE, APGD-T and FAB-T had run
             if options[key] is not None:
                 check_steps(self.name, options[key], key)
-        check_seed(self.name, seed)  # in its own name, not in that of the first attack built with it
+        check_seed(self.name, seed, optional=True)  # in its own name, not in that of the first attack built with it
         if attacks is None:
             self.attacks, unused = autoattack_version(version, model, norm=norm, eps=eps, **options, **common)
             self._built = list(self.attacks)

@@ -19,14 +19,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._options import check_flags, check_real
+from .._options import check_flags, check_real, check_seed
 from .base import Attack, norm_first_hint, refuse_positional_options
 from .context import (attack_context, check_gradients_possible, check_inputs, check_not_half, is_single_logit,
                       predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_budget, check_linf_budget, check_norm, check_steps, clean_logits,
                    finite_direction, forward, per_sample, refuse_targeted, runner_up_targets,
                    sum_at_any_thread_count)
-from .pgd import check_seed, make_generator
+from .pgd import make_generator
 
 # "no adversarial found yet" as the reference writes it: any real distance is smaller
 NOT_FOUND = 1e10
@@ -475,7 +475,7 @@ class FAB(Attack):
         self.multi_targeted, self.n_classes, self.seed = multi_targeted, n_classes, seed
         # here too, not only at the first call, which in an AutoAttack list came after the attacks before it
         _check_fab_options(self.name, norm, steps, n_restarts, 1, alpha_max, eta, beta)
-        check_seed(self.name, seed)
+        check_seed(self.name, seed, optional=True)
         check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max)
 
     def check_input_dtype(self, x):
@@ -508,7 +508,7 @@ class FABT(Attack):
         self.alpha_max, self.eta, self.beta, self.seed = alpha_max, eta, beta, seed
         # as FAB's
         _check_fab_options(self.name, norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta)
-        check_seed(self.name, seed)
+        check_seed(self.name, seed, optional=True)
         check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max)
 
     def check_input_dtype(self, x):

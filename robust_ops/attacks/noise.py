@@ -2,11 +2,12 @@
 
 import torch
 
+from .._options import check_seed
 from .base import Attack, refuse_positional_options
 from .core import (FIRST_FORWARD, check_budget, check_labels_against, check_linf_budget, check_norm, check_number,
                    check_steps, forward, per_sample, refuse_targeted)
 from .context import attack_context, check_inputs, predict_from_output
-from .pgd import check_seed, make_generator
+from .pgd import make_generator
 
 
 def uniform_ball(shape, eps, norm, *, generator=None, device=None, dtype=torch.float32):
@@ -114,7 +115,7 @@ class WhiteNoise(Attack):
         super().__init__(model, **options)
         self.eps, self.norm, self.trials, self.seed = eps, check_norm(self.name, norm), trials, seed
         check_steps(self.name, trials, "trials")  # here too, as every attack's options
-        check_seed(self.name, seed)
+        check_seed(self.name, seed, optional=True)
         check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max)
 
     def forward(self, x, y):

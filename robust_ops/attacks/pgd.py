@@ -8,7 +8,7 @@ import numbers
 
 import torch
 
-from .._options import check_flags, fits_a_float
+from .._options import check_flags, check_seed, fits_a_float
 from .base import Attack, refuse_positional_options
 from .core import (check_budget, check_draws, check_early_stop, check_kappa, check_loss, check_norm, check_step_moves,
                    check_steps, run_pgd)
@@ -27,24 +27,11 @@ def default_alpha(name, eps, steps, factor, x):
     return float(eps) * factor / steps
 
 
-def check_seed(name, seed):
-    """``seed``: None or an int in manual_seed's range (errors name the attack ``name``), returned. The attack classes
-    check it when built, as their other options: checked only by :func:`make_generator` at the first call, a bad seed
-    stopped an AutoAttack list once the attacks before it had run."""
-    if seed is None:
-        return None
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise TypeError(f"{name}: expected seed to be an int or None, got {type(seed).__name__}")
-    if not -2 ** 63 <= seed < 2 ** 64:  # manual_seed's range; beyond it torch's bare "Overflow when unpacking long"
-        raise ValueError(f"{name}: expected seed in [-2**63, 2**64), got {seed}")
-    return seed
-
-
 def make_generator(seed, x, name="attack"):
     """A torch.Generator seeded with ``seed`` on the device of the inputs ``x`` (None: the global RNG); errors name the
     attack ``name``. Called before the attack checks ``x``: an x that is no tensor (a list) failed here with
     "'list' object has no attribute 'device'", where the attack's own check names x and what it takes."""
-    if check_seed(name, seed) is None:
+    if check_seed(name, seed, optional=True) is None:
         return None
     return torch.Generator(device=x.device if torch.is_tensor(x) else "cpu").manual_seed(int(seed))
 
@@ -232,7 +219,7 @@ class PGD(Attack):
         # here, not at the first call: a seed beside random_start=False, a kappa beside loss="ce" did nothing
         check_flags(self.name, {"random_start": random_start})  # "no" is true: it drew a start
         check_draws(self.name, "seed", seed, random_start)
-        check_seed(self.name, seed)
+        check_seed(self.name, seed, optional=True)
         check_kappa(self.name, kappa, check_loss(self.name, loss))
         check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max, alpha)
         check_step_moves(self.name, eps, alpha)
@@ -288,7 +275,7 @@ class CW(Attack):
             raise ValueError(f"cw: CW-Linf is defined for norm='linf' only, got norm={norm!r}")
         check_flags(self.name, {"random_start": random_start})
         check_draws(self.name, "seed", seed, random_start)  # here, not at the first call
-        check_seed(self.name, seed)
+        check_seed(self.name, seed, optional=True)
         check_kappa(self.name, kappa)
         check_budget(self.name, "linf", eps, self.clip_min, self.clip_max, alpha)
         check_step_moves(self.name, eps, alpha, hint=" (torchattacks' CW(model, c, kappa, steps) puts its kappa here: "

@@ -7,13 +7,13 @@ import numbers
 import torch
 
 from .. import functional
-from .._options import check_flags
+from .._options import check_flags, check_seed
 from .base import Attack, norm_first_hint, refuse_positional_options
 from .context import (attack_context, best_other_logit, check_inputs, check_not_half, classification_loss,
                       is_single_logit, two_logits)
 from .core import (FIRST_FORWARD, check_budget, check_labels_against, check_linf_budget, check_linf_step_resolution,
                    check_norm, check_steps, forward, per_sample, succeeded, sum_at_any_thread_count)
-from .pgd import check_seed, make_generator
+from .pgd import make_generator
 
 
 def p_schedule(p_init, it, n_queries, rescale=True):
@@ -363,7 +363,7 @@ class Square(Attack):
         self.rescale_schedule = rescale_schedule
         self.loss = _check_loss(self.name, loss)
         _check_schedule(self.name, n_queries, p_init, rescale_schedule)  # here too, as APGD's options
-        check_seed(self.name, seed)
+        check_seed(self.name, seed, optional=True)
         check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max)
 
     def check_input_dtype(self, x):
