@@ -227,19 +227,26 @@ def test_a_custom_lists_names_take_builds_settings_as_the_porting_notes_say():
     assert given.attacks[0].n_restarts == 5 and not given.attacks[1].rescale_schedule
 
 
-def test_autoattack_seed_none_is_seed_0_as_the_porting_notes_say():
+def test_autoattack_seed_none_is_the_global_rng_as_for_the_attack_classes():
     """torchattacks' AutoAttack example writes seed=None and AutoAttack's default is None, both the clock there; the
-    attack classes here take seed=None as the global RNG, but AutoAttack(seed=None) is its default seed 0: the
-    same draws whatever the global RNG holds. The porting notes now say so (their "seed (0 by default, AutoAttack
-    too)" did not tell a porter's seed=None apart)."""
+    attack classes here take seed=None as the global RNG, and AutoAttack(seed=None) was silently its default seed 0
+    (the same draws whatever the global RNG held; this test pinned that until 2026-12-07). It is the global RNG now,
+    for a version's attacks and a custom list's alike; AutoAttack's default stays seed 0, and a custom list left
+    without a seed keeps each named attack's own default (APGD's and Square's 0, PGD's None)."""
     model = make_model(3)
     x, y = make_data(6, 3)
-    runs = []
-    for global_seed in (1, 2):
+
+    def run(global_seed, **options):
         torch.manual_seed(global_seed)
-        aa = attacks.AutoAttack(model, eps=8 / 255, seed=None, attacks=["apgd-ce", "square"], steps=3, n_queries=5)
-        assert [a.seed for a in aa.attacks] == [0, 0]
-        runs.append(torch.cat(list(aa.run_standard_evaluation_individual(x, y).values())))
-    assert torch.equal(runs[0], runs[1])
+        aa = attacks.AutoAttack(model, eps=8 / 255, attacks=["apgd-ce", "square", "pgd"], steps=3, n_queries=5,
+                                **options)
+        return [a.seed for a in aa.attacks], torch.cat(list(aa.run_standard_evaluation_individual(x, y).values()))
+
+    (seeds, first), (_, second), (_, again) = run(1, seed=None), run(2, seed=None), run(1, seed=None)
+    assert seeds == [None, None, None] and not torch.equal(first, second)
+    assert torch.equal(first, again)  # the global RNG's draws: torch.manual_seed(1) repeats them
+    assert run(1)[0] == [0, 0, None] and run(1, seed=0)[0] == [0, 0, 0]
+    assert [a.seed for a in attacks.AutoAttack(model, seed=None).attacks] == [None] * 4
+    assert [a.seed for a in attacks.AutoAttack(model).attacks] == [0] * 4
     assert ("`AutoAttack(..., seed=None)`, as torchattacks' `AutoAttack` example and AutoAttack's default write it, "
-            "is that default, seed 0 (not the clock, nor the global RNG as for the attack classes)") in docs_text()
+            "draws from the global RNG, as the attack classes' `seed=None` does") in docs_text()

@@ -443,7 +443,9 @@ def _attack_key(spec):
     for k, v in spec.options.items():
         key = alias if alias and k == "steps" else k
         default = defaults.get(key, inspect.Parameter.empty)
-        if not callable(v) and type(v) is type(default) and v == default:
+        # an int default of a subclass (AutoAttack's seed: 0, left out) is an int's as written in a spec
+        kind = int if isinstance(default, int) and not isinstance(default, bool) else type(default)
+        if not callable(v) and type(v) is kind and v == default:
             at_default.append(f"{k}={v}")
         else:
             options[key] = repr(v) if isinstance(v, EpsExpression) or not callable(v) else id(v)

@@ -244,11 +244,21 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
     return EnsembleResult(x_adv, broken_by == -1, broken_by, ("clean",) + labels)
 
 
+class _SeedLeftOut(int):
+    """AutoAttack's default seed, 0, told apart from a seed=0 given: a custom list's named attacks then keep their own
+    defaults (PGD's None, APGD's 0), and seed=None is the global RNG, as for the attack classes."""
+
+    __slots__ = ()
+
+
+SEED_LEFT_OUT = _SeedLeftOut(STANDARD["seed"])
+
+
 def autoattack_version(version, model, *, norm, eps, steps, n_target_classes, n_queries, seed, eot_iter, **common):
     """The attacks of AutoAttack's ``version`` ("standard", "plus" or "rand"; for norm "l1" "standard" only) with its
-    settings; an option given as None takes AutoAttack's value. Returns ``(attacks, unused)``: the attack objects in
-    cascade order and the names of the given options none of them takes (n_target_classes and n_queries in "rand",
-    n_queries in L1's "standard")."""
+    settings; an option given as None takes AutoAttack's value (``seed``: None is the global RNG). Returns
+    ``(attacks, unused)``: the attack objects in cascade order and the names of the given options none of them takes
+    (n_target_classes and n_queries in "rand", n_queries in L1's "standard")."""
     from .apgd import APGD, APGDT, check_largereps
     from .fab import FAB, FABT
     from .square import Square
@@ -258,8 +268,9 @@ def autoattack_version(version, model, *, norm, eps, steps, n_target_classes, n_
                          "give version='standard' (APGD-CE, APGD-T) or a custom list")
     given = dict(n_target_classes=n_target_classes, n_queries=n_queries)
     defaults = {**STANDARD, **({"n_target_classes": L1_STANDARD["n_target_classes"]} if norm == "l1" else {})}
-    steps, n_target_classes, n_queries, seed = (defaults[k] if v is None else v for k, v in (
-        ("steps", steps), ("n_target_classes", n_target_classes), ("n_queries", n_queries), ("seed", seed)))
+    steps, n_target_classes, n_queries = (defaults[k] if v is None else v for k, v in (
+        ("steps", steps), ("n_target_classes", n_target_classes), ("n_queries", n_queries)))
+    seed = None if seed is None else int(seed)  # None: the global RNG, as the attack classes take it
     eot = eot_iter if eot_iter is not None else (EOT_ITER_RAND if version == "rand" else 1)
     shared = dict(eps=eps, norm=norm, steps=steps, seed=seed, **common)
     largereps = dict(use_largereps=True) if norm == "l1" else {}  # AutoAttack's L1 stages
@@ -298,8 +309,9 @@ class AutoAttack(Attack):
       :func:`robust_ops.attacks.build`) or attack objects; a list given with the default version is custom too.
 
     ``steps`` (100: APGD's and FAB's iterations), ``n_target_classes`` (9; L1: 5), ``n_queries`` (5000), ``seed``
-    (0) and ``eot_iter`` (APGD's passes per step; 20 in "rand", else 1) set the version's attacks. With a custom list
-    the options given (not None) are passed to the named attacks that take them (``steps``: apgd-*, fab, fab-t, pgd,
+    (0; None: the global RNG, as for the attack classes) and ``eot_iter`` (APGD's passes per step; 20 in "rand", else
+    1) set the version's attacks. With a custom list the options given (not None; a seed given, None too) are passed
+    to the named attacks that take them (``steps``: apgd-*, fab, fab-t, pgd,
     pgdl2, ifgsm, cw; ``n_queries``: square; ``n_target_classes``: apgd-t, fab-t; ``eot_iter``: apgd-*; ``seed``),
     the others keep ``build``'s defaults; attack objects are used as they are. An option no attack takes is an
     error. ``model_mode``, ``clip_min`` and ``clip_max`` (default "eval", [0, 1]) hold for the cascade's checks and
@@ -374,7 +386,7 @@ class AutoAttack(Attack):
         super().__setattr__(key, value)
 
     def __init__(self, model, norm="linf", eps=8 / 255, *positional, version="standard", attacks=None, steps=None,
-                 n_target_classes=None, n_queries=None, seed=None, eot_iter=None, attacks_to_run=None,
+                 n_target_classes=None, n_queries=None, seed=SEED_LEFT_OUT, eot_iter=None, attacks_to_run=None,
                  model_mode="eval", clip_min=0.0, clip_max=1.0, cascade=True, **unknown):
         from . import attack_entry, build
         from .._options import option_defaults
@@ -439,16 +451,20 @@ class AutoAttack(Attack):
                     # seed only to the attacks that draw (cw starts at x: its seed would be refused as unused)
                     if defaults.get("random_start", takes[a].get("random_start")) is False:
                         takes[a].pop("seed", None)
+            # seed left out: the named attacks keep their own defaults (PGD's None, APGD's 0)
+            given = {k: v for k, v in options.items() if v is not None and v is not SEED_LEFT_OUT}
             # build() reads steps as n_queries / trials for square / noise: pass each option only under its own name
             self.attacks = [
-                build(a, model, eps=eps, norm=norm, **common,
-                      **{k: v for k, v in options.items() if v is not None and k in takes[a]})
+                build(a, model, eps=eps, norm=norm, **common, **{k: v for k, v in given.items() if k in takes[a]})
                 if isinstance(a, str) else a
                 for a in attacks
             ]
             self._built = [b for a, b in zip(attacks, self.attacks) if isinstance(a, str)]
-            for key, value in options.items():
-                if value is not None and not any(key in t for t in takes.values()):
+            for a, built in zip(attacks, self.attacks):
+                if seed is None and isinstance(a, str) and "seed" in takes[a]:
+                    built.seed = None  # build() ignores None options: the global RNG, as the classes take seed=None
+            for key, value in given.items():
+                if not any(key in t for t in takes.values()):
                     shown = [a if isinstance(a, str) else _name(a, i) for i, a in enumerate(attacks)]
                     raise ValueError(f"autoattack: {key}={value!r} applies to none of the attacks named in "
                                      f"attacks={shown} (attack objects are used as given); expected {key}=None")
