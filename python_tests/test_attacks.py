@@ -1,5 +1,6 @@
 """Attacks: torchattacks parity, properties on tiny in-file models, the PGD core's extras, and input checks."""
 
+import abc
 import copy
 import inspect
 import math
@@ -5511,6 +5512,40 @@ def test_unknown_option_of_an_attack_class_names_the_class_and_its_options():
         attacks.AutoAttack(make_model(), norm="linf", eps=8 / 255, version="standard", n_classes=10, verbose=False)
 
 
+def test_torchattacks_class_level_load_is_tf_model_and_an_inference_mode_autoattack_name_the_way():
+    """torchattacks' load is a staticmethod: attacks.PGD.load("a.pt") (or Attack.load) met Python's bare "type object
+    'PGD' has no attribute 'load'" where an instance names the way; AutoAttack(model, is_tf_model=False), AutoAttack's
+    own option, listed the options without the hint verbose / device / log_path get; AutoAttack under
+    torch.inference_mode() was refused in apgd-ce's name after the clean check (ensemble(): in its first gradient
+    attack's name), where a gradient-free list runs."""
+    model, x, y = TinyCNN(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    for cls, name in ((attacks.PGD, "pgd"), (attacks.Attack, "attack"), (attacks.AutoAttack, "autoattack")):
+        for key in ("load", "save"):
+            with pytest.raises(AttributeError, match=rf"^{name}: torchattacks' {key} does not exist here: collect "
+                                                     r"x_adv = atk\(x, y\) over the loader"):
+                getattr(cls, key)
+        with pytest.raises(AttributeError, match=rf"^type object {cls.__name__!r} has no attribute 'no_such'$"):
+            cls.no_such
+        assert not hasattr(cls, "__wrapped__")
+
+    class Mixed(attacks.Attack, abc.ABC):  # a subclass may still mix in abc.ABC (no metaclass of its own)
+        name = "mixed"
+
+    with pytest.raises(AttributeError, match=r"^mixed: torchattacks' load does not exist here"):
+        Mixed.load("a.pt")
+    with pytest.raises(ValueError, match=r"^AutoAttack: unknown option 'is_tf_model'; it takes [^(]* \(is_tf_model: "
+                                         r"models are torch modules here \(AutoAttack's default, is_tf_model=False\), "
+                                         r"drop it\)$"):
+        attacks.AutoAttack(model, is_tf_model=False)
+    gradient = "gradient-based attacks cannot run under torch.inference_mode"
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match=rf"^autoattack: {gradient}"):
+            attacks.AutoAttack(model, steps=1, n_queries=1)(x, y)
+        with pytest.raises(RuntimeError, match=rf"^ensemble: {gradient}"):
+            attacks.ensemble(model, x, y, [attacks.Square(model, n_queries=1), attacks.PGD(model, steps=1)])
+        attacks.AutoAttack(model, attacks=["square", "noise"], n_queries=1)(x, y)  # no gradients: it runs
+
+
 def test_torchattacks_and_autoattack_options_not_taken_here_say_what_to_do():
     """torchattacks' APGDT(n_classes=10), Square(resc_schedule=...), verbose=..., AutoAttack's device= / log_path= were
     "unknown option" with the list of options only: nothing said that n_classes=K means n_target_classes=K - 1 or that
@@ -6404,10 +6439,16 @@ def test_gradient_attacks_under_inference_mode_are_refused_by_name_and_run_under
                                                                        r"fine: the attack enables gradients itself\)$"):
             attack()
     # the cascade's parts, made under it, are inference tensors, which have no version for its bounds to be keyed by:
-    # they are left out of them, so the attack's own refusal comes (found by the mut50 helper)
+    # they are left out of them, so the attack's own refusal comes (found by the mut50 helper) for a callable the
+    # cascade cannot ask; an attack class that uses gradients is refused before any attack runs, in the cascade's
+    # name (since 2026-12-07)
+    fgsm = attacks.FGSM(model, eps=4 / 255)
     with torch.inference_mode(), pytest.raises(RuntimeError, match=r"^fgsm: gradient-based attacks cannot run under "
                                                                    r"torch.inference_mode\(\); "):
-        attacks.ensemble(model, x, y, [attacks.FGSM(model, eps=4 / 255)])
+        attacks.ensemble(model, x, y, [lambda x, y: fgsm(x, y)])
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"^ensemble: gradient-based attacks cannot run "
+                                                                   r"under torch.inference_mode\(\); "):
+        attacks.ensemble(model, x, y, [fgsm])
 
 
 def test_a_model_made_under_inference_mode_is_attacked_and_left_trainable():

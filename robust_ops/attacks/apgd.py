@@ -509,6 +509,7 @@ class APGD(Attack):
     use_largereps=False)(x, y)``; norm "linf", "l2" or "l1"; ``seed`` seeds the random starts; see :func:`apgd`."""
 
     name = "apgd"
+    uses_gradients = True
     norms = NORMS_WITH_L1
 
     def __init__(self, model, eps=8 / 255, norm="linf", steps=100, loss="ce", n_restarts=1, *positional, rho=0.75,
@@ -538,6 +539,7 @@ class APGDT(Attack):
     "l1"; ``seed`` seeds the random starts; see :func:`apgd_t`."""
 
     name = "apgd-t"
+    uses_gradients = True
     supports_targeted = False
     norms = NORMS_WITH_L1
     _FOREIGN_OPTIONS = {**Attack._FOREIGN_OPTIONS, "n_classes": N_CLASSES_HINT}

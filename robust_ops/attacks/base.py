@@ -62,6 +62,20 @@ def option_hints(cls):
     return hints
 
 
+class _NotHere:
+    """A torchattacks method that has no counterpart here, read on an attack class as on an instance: torchattacks'
+    load is a staticmethod, so a port calls ``PGD.load(path)``, which met Python's bare "type object 'PGD' has no
+    attribute 'load'" where an instance names the way (a descriptor, not a metaclass: a subclass may mix in abc.ABC)."""
+
+    def __set_name__(self, owner, key):
+        self.key = key
+
+    def __get__(self, obj, cls=None):
+        owner = cls if cls is not None else type(obj)
+        raise AttributeError(f"{owner.name}: torchattacks' {self.key} does not exist here: "
+                             f"{Attack._TORCHATTACKS[self.key]}")
+
+
 class Attack:
     """Base class. Subclasses set ``name`` and implement ``forward(x, y) -> x_adv`` with the functional attack.
 
@@ -84,6 +98,9 @@ class Attack:
 
     name = "attack"
     supports_targeted = True
+    # differentiates the model: an ensemble refuses such an attack under torch.inference_mode() before any runs, in
+    # its own name (AutoAttack's was refused in apgd-ce's, after the clean check)
+    uses_gradients = False
     # The norms the attack takes (NORMS_WITH_L1 where L1 is implemented), read before an attack is built
     # (evaluate's specs check a spec's norm with it)
     norms = NORMS
@@ -119,6 +136,8 @@ class Attack:
         "verbose": "nothing is printed here, drop it",
         "device": "an attack runs on its inputs' device, so give x and y on the model's device",
     }
+
+    save, load = _NotHere(), _NotHere()  # on the class too: torchattacks' load is a staticmethod
 
     def __getattr__(self, key):  # only for attributes not found otherwise
         if key in Attack._TORCHATTACKS:

@@ -11,9 +11,9 @@ from .._warn import warn
 from .base import N_CLASSES_HINT, Attack, refuse_positional_options
 from .core import (NORMS_WITH_L1, check_budget, check_labels_against, check_linf_budget, check_norm, check_steps,
                    forward, per_sample)
-from .context import (attack_context, check_attack_output, check_inputs, looks_like_probabilities,
-                      one_probabilities_warning, predict_from_output, recorded_bounds, values_within,
-                      warn_probabilities)
+from .context import (attack_context, check_attack_output, check_gradients_possible, check_inputs,
+                      looks_like_probabilities, one_probabilities_warning, predict_from_output, recorded_bounds,
+                      values_within, warn_probabilities)
 
 
 # AutoAttack's standard settings (Croce & Hein 2020), for the options not given
@@ -128,6 +128,8 @@ def _check_runs_on(attack, x, label, name):
         check = getattr(attack, hook, None)
         if check is not None:
             check(x)
+    if getattr(attack, "uses_gradients", False):  # else refused after the clean check, in the attack's name
+        check_gradients_possible(name)
     if isinstance(attack, Attack) and attack.targeted and attack._target_rule is None:
         raise ValueError(f"{name}: attack {label!r} is targeted by label, so it would take the true labels as its "
                          "targets; call its set_mode_default(), or a mode that makes targets from the labels "
@@ -353,6 +355,7 @@ class AutoAttack(Attack):
         **Attack._FOREIGN_OPTIONS,
         "n_classes": N_CLASSES_HINT,
         "log_path": "nothing is logged, aa.run(x, y).counts() gives the samples each attack broke",
+        "is_tf_model": "models are torch modules here (AutoAttack's default, is_tf_model=False), drop it",
     }
 
     def __getattr__(self, key):  # only for attributes not found otherwise

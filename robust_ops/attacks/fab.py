@@ -459,6 +459,7 @@ class FAB(Attack):
     targets by the wrong batch once a sample is misclassified)."""
 
     name = "fab"
+    uses_gradients = True
     supports_targeted = False
     norms = NORMS_WITH_L1
 
@@ -496,6 +497,7 @@ class FABT(Attack):
     :func:`fab`."""
 
     name = "fab-t"
+    uses_gradients = True
     supports_targeted = False
     norms = NORMS_WITH_L1
 

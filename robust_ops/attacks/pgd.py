@@ -170,6 +170,7 @@ class FGSM(Attack):
     """``FGSM(model, eps=8/255, norm="linf", loss="ce")(x, y)``; see :func:`fgsm`."""
 
     name = "fgsm"
+    uses_gradients = True
 
     def __init__(self, model, eps=8 / 255, *positional, norm="linf", loss="ce", **options):
         refuse_positional_options(self.name, FGSM, positional)
@@ -186,6 +187,7 @@ class BIM(Attack):
     """``BIM(model, eps=8/255, alpha=None, steps=10, norm="linf", loss="ce")(x, y)``; see :func:`ifgsm`."""
 
     name = "ifgsm"
+    uses_gradients = True
 
     def __init__(self, model, eps=8 / 255, alpha=None, steps=10, *positional, norm="linf", loss="ce", **options):
         refuse_positional_options(self.name, BIM, positional)
@@ -208,6 +210,7 @@ class PGD(Attack):
     ``kappa`` (0.0), ``early_stop`` (False), as :func:`pgd`'s."""
 
     name = "pgd"
+    uses_gradients = True
     default_norm = "linf"
 
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, *positional, norm=None,
@@ -256,6 +259,7 @@ class CW(Attack):
     reproducible, ``norm`` takes "linf" only. See :func:`cw_linf`."""
 
     name = "cw"
+    uses_gradients = True
     # torchattacks' CW(model, c=1, kappa=0, steps=50, lr=0.01), by keyword: "unknown options 'c', 'lr'" alone did not
     # say it is another attack
     _FOREIGN_OPTIONS = {**Attack._FOREIGN_OPTIONS,
