@@ -1582,6 +1582,21 @@ def test_hounsfield_units_above_air_are_offered_the_loaders_shift_as_well():
     assert "else" not in str(info.value)
 
 
+def test_the_loaders_hounsfield_shift_is_the_attacks_one_text(monkeypatch):
+    """The .npz loader spelt its Hounsfield shift advice itself, twice (float images, integer images), beside
+    attacks.context.hounsfield_shift_fix, the attacks' and evaluate's: one text now, the helper's, in every message
+    (its words unchanged: test_data.py pins them)."""
+    from robust_ops.data import DataError
+    from robust_ops.data.core import images_to_tensor
+
+    monkeypatch.setattr(context, "hounsfield_shift_fix", lambda lo, shift: f"; <the one text: {lo}, {shift}>")
+    values = np.linspace(-600, 600, 4 * 64).reshape(4, 8, 8, 1)
+    for images in (values.astype(np.float32), values.astype(np.int16)):
+        with pytest.raises(DataError, match=r"<the one text: -600\S*, \(images.astype\(np.float32\) - lo\) / "
+                                            r"\(hi - lo\)>"):
+            images_to_tensor(images, "x.npz")
+
+
 def test_pixel_fixes_map_onto_ranges_of_any_bounds():
     """pixel_map adds a positive bottom as it subtracts a negative one, and the dark question against a range other
     than [0, 1] maps onto it as the 8-bit fix does (found by the mut50 helper)."""

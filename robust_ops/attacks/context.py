@@ -722,9 +722,9 @@ def onto_range(text, range_min, range_max):
 def hounsfield_shift_fix(lo, shift):
     """The alternative to a Hounsfield window for values of a bottom ``lo`` above air's -1000: a crop inside the
     body (lung -900 to -500), or data with an offset or its mean subtracted ([-600, 600]), which a window such as
-    -160, 240 would clip: ``shift`` (an expression of x, lo and hi) as the fix, "" for a bottom at or below air. The
-    .npz loader's rule (data/core.py's hounsfield fixes, float and integer images); an attack's and evaluate's fix
-    left it out until 2026-12-07, so the same [-600, 600] got two pieces of advice."""
+    -160, 240 would clip: ``shift`` (an expression of x, lo and hi) as the fix, "" for a bottom at or below air. One
+    text for the attacks', evaluate's and the .npz loader's fixes (float and integer images); an attack's and
+    evaluate's fix left it out until 2026-12-07, so the same [-600, 600] got two pieces of advice."""
     if not lo > -1000:
         return ""
     return (f"; else (an offset or a mean subtracted) {shift}, lo and hi the lowest and highest value of every split "

@@ -142,7 +142,7 @@ def images_to_tensor(images, source):
             # attacks' ball and clip range are in [0, 1] pixels. The rule is the attacks' and evaluate's
             # (pixel_scale): a dark 0-255 set ([0, 8]) was told to clip, a 0-255 one overshooting ([0, 262]) 12- or
             # 16-bit, a resampling's small negatives ([-0.03, 1.04]) a mean/std normalization
-            from ..attacks.context import HOUNSFIELD_WINDOWS, past_bound, pixel_scale
+            from ..attacks.context import HOUNSFIELD_WINDOWS, hounsfield_shift_fix, past_bound, pixel_scale
 
             kind, scale = pixel_scale(lo, hi, 0.0, 1.0)
             then = f" (then np.clip(images, 0, 1) for the overshoot past {scale})" if scale and hi > scale else ""
@@ -161,7 +161,7 @@ def images_to_tensor(images, source):
             elif kind == "hounsfield":  # CT: a mean/std normalization's fix left them outside [0, 1]
                 fix = ("CT Hounsfield units? window them onto [0, 1] pixels: (np.clip(images, lo, hi) - lo) / "
                        f"(hi - lo) for the window [lo, hi] they are read in ({HOUNSFIELD_WINDOWS})"
-                       + (f"; else (an offset or a mean subtracted) {SHIFT_FIX}" if lo > -1000 else "")
+                       + hounsfield_shift_fix(lo, SHIFT)  # the attacks' and evaluate's words
                        + " -- the attacks' radii and clip range are in [0, 1] pixels")
             elif lo >= 0:  # past every bit depth's top
                 fix = "scale them to [0, 1] pixels: the attacks' radii and clip range are in [0, 1] pixels"
@@ -179,8 +179,8 @@ def images_to_tensor(images, source):
 
 
 # The fix for signed intensities that are no normalization: shifted and scaled onto [0, 1] as one set
-SHIFT_FIX = ("(images.astype(np.float32) - lo) / (hi - lo), lo and hi the lowest and highest value of every split "
-             "together")
+SHIFT = "(images.astype(np.float32) - lo) / (hi - lo)"
+SHIFT_FIX = f"{SHIFT}, lo and hi the lowest and highest value of every split together"
 
 
 # The fix for binary images (0 and 1) in an integer dtype: as uint8 they are 0 and 1 of 255
@@ -215,7 +215,7 @@ def _integer_images_fix(images):
         return f"; {BINARY_IMAGES_FIX}"
     if not np.issubdtype(images.dtype, np.integer) or not images.size:
         return generic
-    from ..attacks.context import HOUNSFIELD_WINDOWS, pixel_scale
+    from ..attacks.context import HOUNSFIELD_WINDOWS, hounsfield_shift_fix, pixel_scale
 
     lo, hi = int(images.min()), int(images.max())
     got = f" with values in [{lo}, {hi}]"
@@ -233,9 +233,9 @@ def _integer_images_fix(images):
     if pixel_scale(lo, hi, 0.0, 1.0)[0] == "hounsfield":
         # no air (-1000, which a CT slice holds around the body): a crop inside it (lung -900 to -500), or 16-bit
         # data with its mean subtracted ([-600, 600]), which a window such as -160, 240 would clip (as for floats)
-        other = f"; else (an offset or a mean subtracted) {SHIFT_FIX}" if lo > -1000 else ""
         return (f"{got}; CT Hounsfield units? window them onto [0, 1] pixels: (np.clip(images, lo, hi) - lo) / (hi - "
-                f"lo) as float32 for the window [lo, hi] they are read in ({HOUNSFIELD_WINDOWS}){other}")
+                f"lo) as float32 for the window [lo, hi] they are read in ({HOUNSFIELD_WINDOWS})"
+                f"{hounsfield_shift_fix(lo, SHIFT)}")
     if max(-lo, hi) <= 10:  # z-scores rounded to integers: as uint8 their negatives would wrap
         return (f"{got}; normalized by a mean and std, then stored as integers ({counted(hi - lo + 1, 'level')} "
                 "left)? store the [0, 1] pixels from before the normalization, as floats or uint8, and normalize "
