@@ -2166,6 +2166,27 @@ def test_a_defense_reads_a_0d_tensor_eps_or_step_size_as_its_value_as_the_attack
         defenses.build(name, eps=torch.tensor(-0.5))
 
 
+@pytest.mark.parametrize("name, arg, value", [
+    ("ima", "eps_train", 0.1), ("ima", "delta", 0.01), ("ima", "init_margin", 0.05), ("ima", "beta", 0.5),
+    ("sat", "alpha", 0.5), ("trades", "beta", 6.0), ("trades", "start_noise", 0.001), ("mart", "beta", 6.0),
+    ("rst", "lam", 1.0), ("gr", "lam", 1.0), ("llr", "lam", 3.0), ("llr", "mu", 4.0), ("fat", "omega", 0.1),
+    ("amat", "xi", 0.5), ("mirst", "alpha", 1.0), ("mirst-dm", "alpha", 1.0), ("dpaat", "alpha", 0.5),
+    ("dpaat", "beta", 1.0), ("arfl", "lam", 10.0), ("arfl", "r", 0.5)])
+def test_a_defenses_real_options_read_a_0d_tensor_as_eps_and_step_size_are_read(name, arg, value):
+    """build("ima", eps_train=torch.tensor(0.1)) was "ima: expected eps_train to be a number, got Tensor" and
+    build("sat", alpha=torch.tensor(0.5)) "sat: expected alpha to be a finite number with 0 <= alpha <= 1, got
+    tensor(0.5000)", where eps and step_size read a 0-d tensor as its value (scalar_value): every real option of a
+    defense now does, a bool one refused as there, a tensor [1] as before."""
+    for dtype in (torch.float32, torch.float64):
+        tensor = torch.tensor(value, dtype=dtype)
+        built = defenses.build(name, **{arg: tensor})
+        assert type(getattr(built, arg)) is float and getattr(built, arg) == tensor.item()
+    with pytest.raises(TypeError, match=f"^{re.escape(name)}: expected {arg} to be a real tensor, got torch.bool$"):
+        defenses.build(name, **{arg: torch.tensor(True)})
+    with pytest.raises((TypeError, ValueError), match=f"^{re.escape(name)}: expected {arg} .*, got "):
+        defenses.build(name, **{arg: torch.tensor([value])})
+
+
 def test_the_attacks_alpha_given_to_a_defense_and_step_size_to_an_attack_name_the_right_keyword():
     """alpha (the attacks' step) and step_size (the defenses') are kept apart, but AT(alpha=0.01) only listed AT's
     options, PGD(model, step_size=0.01) PGD's, and a defense's attack(model, x, y, step_size=0.01) failed with

@@ -39,7 +39,7 @@ from .attacks.context import (
     predict_from_output,
 )
 from .attacks.core import (check_labels_against, check_linf_budget, check_norm, check_number, forward, per_sample,
-                           sample_distance)
+                           sample_distance, scalar_value)
 from .defenses._common import distributed_run, metric_values, per_sample_ce, unwrap
 from .defenses.base import Defense, DefenseOutput, StateSettingError
 from .prepacked_conv import prepacked_conv_active
@@ -1464,7 +1464,10 @@ class IMA(Defense):
             check_options(type(self).__name__, type(self), unknown)
         name = self.name  # as the other defenses name themselves ('at: ...'): the --defense name
         norm = check_norm(name, norm)
-        check_real(name, "beta", beta, minimum=0, maximum=1)
+        # a 0-d tensor is read as its value, as the attacks' and the other defenses' eps (scalar_value)
+        beta, eps_train, delta, init_margin = (scalar_value(name, arg, v) for arg, v in (
+            ("beta", beta), ("eps_train", eps_train), ("delta", delta), ("init_margin", init_margin)))
+        beta = check_real(name, "beta", beta, minimum=0, maximum=1)
         # radii, in the attacks' and the other defenses' words (a TypeError for text or a bool); None is automatic
         for arg, v in (("eps_train", eps_train), ("delta", delta), ("init_margin", init_margin)):
             if v is not None:

@@ -13,12 +13,19 @@ from .._options import (check_choice, check_flags, check_int, check_options, che
 from ..attacks.context import (MODEL_MODES, check_class_labels, check_input_batch, classification_loss,
                                float32_or_wider,  # noqa: F401  (the defenses import it here)
                                is_single_logit, range_known, two_logits, use_model_mode)
-from ..attacks.core import check_labels_against
+from ..attacks.core import check_labels_against, scalar_value
 from .base import Defense
 
 # MIRST-DM's threat model (Linf, eps = 5/255) with Madry's step-size rule (2.5 * eps / steps) is the default of the
 # defenses from MIRST-DM's comparison; DPAAT/AMAT and ARFL use their own papers' settings.
 DEFAULT_EPS = 5 / 255
+
+
+def real_option(name, arg, value, **bounds):
+    """A defense's real option (a loss weight, a radius, a rate) by check_real's rule (``bounds`` its minimum,
+    maximum, ...), a 0-d tensor read as its value as eps and step_size are (scalar_value): build("sat",
+    alpha=torch.tensor(0.5)) was "expected alpha to be a finite number ..., got tensor(0.5000)" until 2026-12-07."""
+    return check_real(name, arg, scalar_value(name, arg, value), **bounds)
 
 
 def distributed_run():

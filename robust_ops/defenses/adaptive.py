@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
 from ..attacks.core import check_number, check_step_moves, sample_distance, scalar_value
-from ._common import (PGDDefense, as_two_class, check_choice, check_flags, check_real, distributed_run,
-                      float32_or_wider, labels, metric_values, per_sample_ce, refuse_unused, unwrap, use_model_mode)
+from ._common import (PGDDefense, as_two_class, check_choice, check_flags, distributed_run, float32_or_wider, labels,
+                      metric_values, per_sample_ce, real_option, refuse_unused, unwrap, use_model_mode)
 from .adversarial import Standard
 from .base import DefenseOutput
 
@@ -104,8 +104,8 @@ class AMAT(_AdaptiveRadius):
 
     def __init__(self, xi=math.log(2.0), delta_eps=None, **attack):
         super().__init__(**attack)
-        self.xi = check_real(self.name, "xi", xi, minimum=0)
-        self.delta_eps = check_real(self.name, "delta_eps", self.eps / 2 if delta_eps is None else delta_eps,
+        self.xi = real_option(self.name, "xi", xi, minimum=0)
+        self.delta_eps = real_option(self.name, "delta_eps", self.eps / 2 if delta_eps is None else delta_eps,
                                     minimum=0)
         if self.radius_step == "fixed":  # the second attack steps by step_size at radii up to eps + delta_eps
             check_step_moves(self.name, self.eps + self.delta_eps, self.step_size, "step_size",
@@ -178,16 +178,16 @@ class DPAAT(_AdaptiveRadius):
                  adapt=True, radius_step=None, denominator=None, **attack):
         super().__init__(radius_step=radius_step, **attack)
         n = self.name
-        self.alpha = check_real(n, "alpha", alpha, minimum=0, maximum=1)
-        self.beta = check_real(n, "beta", beta, minimum=0)
-        self.guard = check_real(n, "guard", 1e-6 if guard is None else guard, minimum=0)
-        self.max_radius = None if max_radius is None else check_real(n, "max_radius", max_radius, minimum=0)
+        self.alpha = real_option(n, "alpha", alpha, minimum=0, maximum=1)
+        self.beta = real_option(n, "beta", beta, minimum=0)
+        self.guard = real_option(n, "guard", 1e-6 if guard is None else guard, minimum=0)
+        self.max_radius = None if max_radius is None else real_option(n, "max_radius", max_radius, minimum=0)
         self.reference = check_choice(n, "reference", "batch" if reference is None else reference, ("batch", "running"))
         self.syn = check_choice(n, "syn", "js" if syn is None else syn, ("js", "printed"))
         # gamma's denominator: |dL_avg| ("abs"), or eq. 15's dL_avg as printed (a negative mean swaps shrink and grow)
         self.denominator = check_choice(n, "denominator", "abs" if denominator is None else denominator,
                                         ("abs", "printed"))
-        self.momentum = check_real(n, "momentum", 0.1 if momentum is None else momentum, minimum=0, maximum=1,
+        self.momentum = real_option(n, "momentum", 0.1 if momentum is None else momentum, minimum=0, maximum=1,
                                    allow_min=False)
         check_flags(n, {"adapt": adapt})  # adapt="no" would have adapted
         self.adapt = adapt

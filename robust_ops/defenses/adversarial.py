@@ -6,8 +6,7 @@ models). Attacks run on robust_ops.attacks.core.run_pgd with the settings of PGD
 
 from ..attacks.context import classification_loss
 from ..attacks.core import forward
-from ._common import (PGDDefense, check_int, check_labels_against, check_options, check_real, labels,
-                      metric_values)
+from ._common import (PGDDefense, check_int, check_labels_against, check_options, labels, metric_values, real_option)
 from .base import Defense, DefenseOutput
 
 
@@ -57,7 +56,7 @@ class SAT(PGDDefense):
 
     def __init__(self, alpha=0.5, **attack):
         super().__init__(**attack)
-        self.alpha = check_real(self.name, "alpha", alpha, minimum=0, maximum=1)
+        self.alpha = real_option(self.name, "alpha", alpha, minimum=0, maximum=1)
 
     def __call__(self, model, x, y, ids=None):
         """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
@@ -84,7 +83,7 @@ class RST(PGDDefense):
 
     def __init__(self, lam=1.0, **attack):
         super().__init__(**attack)
-        self.lam = check_real(self.name, "lam", lam, minimum=0)
+        self.lam = real_option(self.name, "lam", lam, minimum=0)
 
     def __call__(self, model, x, y, ids=None):
         """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
@@ -117,7 +116,7 @@ class FAT(PGDDefense):
         self.tau = check_int(self.name, "tau", tau, minimum=0)
         self._built_tau = self.tau
         # the reference code's per-step Gaussian noise (its train_FAT.py: 0.001); 0 keeps the paper's Algorithm 1
-        self.omega = check_real(self.name, "omega", omega, minimum=0)
+        self.omega = real_option(self.name, "omega", omega, minimum=0)
 
     def options(self):
         # tau as built: the scheduled tau is state (checkpointed), so resuming with this same object once a scheduler

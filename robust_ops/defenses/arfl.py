@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..attacks.context import classification_loss, labels_range, num_classes_of
-from ._common import (PGDDefense, check_choice, check_real, float32_or_wider, labels, metric_values, per_sample_ce,
+from ._common import (PGDDefense, check_choice, float32_or_wider, labels, metric_values, per_sample_ce, real_option,
                       refuse_unused, unwrap)
 from .base import DefenseOutput
 
@@ -95,8 +95,8 @@ class ARFL(PGDDefense):
                  **attack):
         super().__init__(**attack)
         n = self.name
-        self.lam = check_real(n, "lam", lam, minimum=0)
-        self.r = check_real(n, "r", r, minimum=0, maximum=1)
+        self.lam = real_option(n, "lam", lam, minimum=0)
+        self.r = real_option(n, "r", r, minimum=0, maximum=1)
         self.adv_sign = check_choice(n, "adv_sign", "text" if adv_sign is None else adv_sign, ("text", "printed"))
         self.channel_reduction = check_choice(n, "channel_reduction", channel_reduction, ("mean", "sum"))
         if layer is not None and not isinstance(layer, str):

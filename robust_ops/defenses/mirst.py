@@ -27,7 +27,8 @@ import numbers
 import torch
 
 from ..attacks.context import classification_loss
-from ._common import PGDDefense, check_flags, check_int, check_real, labels, metric_values, use_model_mode, unwrap
+from ._common import (PGDDefense, check_flags, check_int, check_real, labels, metric_values, real_option,
+                      use_model_mode, unwrap)
 from .adversarial import Standard
 from .base import DefenseOutput
 
@@ -47,7 +48,7 @@ class MIRST(PGDDefense):
 
     def __init__(self, alpha=1.0, beta=MIRST_BETA, emit=MIRST_EMIT, reuse=True, **attack):
         super().__init__(**attack)
-        self.alpha = check_real(self.name, "alpha", alpha, minimum=0)
+        self.alpha = real_option(self.name, "alpha", alpha, minimum=0)
         emit = tuple(check_int(self.name, "each emit step", e) for e in _numbers(self.name, "emit", emit))
         if not emit or any(b <= a for a, b in zip(emit, emit[1:])) or emit[-1] > self.steps:
             # steps=2 alone (a quick run) met the default emit (2, 4, 6, 8): say which options go with fewer steps

@@ -5,8 +5,8 @@ from torch import nn
 
 from ..attacks.context import InputGradScale, check_gradients_possible
 from ..attacks.core import forward
-from ._common import (PGDDefense, check_choice, check_labels_against, check_options, check_real, float32_or_wider,
-                      labels, metric_values, per_sample_ce, unwrap, use_model_mode)
+from ._common import (PGDDefense, check_choice, check_labels_against, check_options, float32_or_wider, labels,
+                      metric_values, per_sample_ce, real_option, unwrap, use_model_mode)
 from .adversarial import Standard
 from .base import Defense, DefenseOutput
 
@@ -45,7 +45,7 @@ class GR(Defense):
     def __init__(self, lam=1.0, norm="l2", **unknown):
         if unknown:  # Python's own TypeError named GR.__init__ and listed nothing, as PGDDefense's did
             check_options(type(self).__name__, type(self), unknown)
-        self.lam = check_real(self.name, "lam", lam, minimum=0)
+        self.lam = real_option(self.name, "lam", lam, minimum=0)
         self.norm = check_choice(self.name, "norm", norm, ("l2", "l2sq", "l1"))
 
     def __call__(self, model, x, y, ids=None):
@@ -100,8 +100,8 @@ class LLR(PGDDefense):
 
     def __init__(self, lam=3.0, mu=4.0, **attack):
         super().__init__(**attack)
-        self.lam = check_real(self.name, "lam", lam, minimum=0)
-        self.mu = check_real(self.name, "mu", mu, minimum=0)
+        self.lam = real_option(self.name, "lam", lam, minimum=0)
+        self.mu = real_option(self.name, "mu", mu, minimum=0)
 
     def __call__(self, model, x, y, ids=None):
         """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped

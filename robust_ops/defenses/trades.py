@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
-from ..attacks.core import check_start, forward
-from ._common import (PGDDefense, as_two_class, check_real, float32_or_wider, kl_per_sample, labels, metric_values,
+from ..attacks.core import check_start, forward, scalar_value
+from ._common import (PGDDefense, as_two_class, float32_or_wider, kl_per_sample, labels, metric_values, real_option,
                       unwrap, use_model_mode)
 from .adversarial import Standard
 from .base import DefenseOutput
@@ -18,6 +18,7 @@ class _ReferenceStart(PGDDefense):
     implies random_start=False; 0 (default) keeps random_start's start."""
 
     def __init__(self, *, start_noise=0.0, random_start=None, **attack):
+        start_noise = scalar_value(self.name, "start_noise", start_noise)  # a 0-d tensor: as real_option reads one
         self.start_noise = check_start(self.name, random_start, start_noise, or_unset=True)
         super().__init__(random_start=False if self.start_noise and random_start is None else random_start, **attack)
 
@@ -48,7 +49,7 @@ class TRADES(_ReferenceStart):
 
     def __init__(self, beta=1.0, **attack):
         super().__init__(**attack)
-        self.beta = check_real(self.name, "beta", beta, minimum=0)
+        self.beta = real_option(self.name, "beta", beta, minimum=0)
 
     def __call__(self, model, x, y, ids=None):
         """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
@@ -83,7 +84,7 @@ class MART(_ReferenceStart):
 
     def __init__(self, beta=6.0, **attack):
         super().__init__(**attack)
-        self.beta = check_real(self.name, "beta", beta, minimum=0)
+        self.beta = real_option(self.name, "beta", beta, minimum=0)
 
     def __call__(self, model, x, y, ids=None):
         """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
