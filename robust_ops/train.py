@@ -52,8 +52,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ._files import FolderInUse, check_writable, exclusive_folder, replace_atomically
-from ._options import (check_device, check_flags, check_int, check_real, check_seed, check_usable_device, class_labels,
-                       counted, listing, python_number, refuse_unused)
+from ._options import (MAX_SEED, check_device, check_flags, check_int, check_real, check_seed, check_usable_device,
+                       class_labels, counted, listing, python_number, refuse_unused)
 from ._warn import warn_outside
 from .native_layers import library_speedups
 from .nn import DropMax2d
@@ -62,7 +62,6 @@ from .attacks.context import (HALF_DTYPES, NonFiniteInputError, NonFiniteOutputE
                               check_output, classification_loss, forward_naming_input_mismatch,
                               is_one_sample_batch_norm, is_single_logit, labels_range, labels_read_once,
                               looks_like_probabilities, num_classes_of, predict_from_output, use_model_mode)
-from .data.core import MAX_SKLEARN_SEED
 from .defenses._common import metrics_read_by_fit
 from .defenses.base import StateSettingError, _as_tuples, _plain
 
@@ -2077,12 +2076,12 @@ def _check_resume_fits(name, resume_path, state, config, defense_options, optimi
                                   f"{name}: cannot resume {resume_path}: it was validated on val_samples={saved_val}, "
                                   f"this call has val_samples={config['val_samples']}; pass the run's val_data")
     saved_seed = state["config"].get("seed")
-    if isinstance(saved_seed, int) and not 0 <= saved_seed <= MAX_SKLEARN_SEED:
+    if isinstance(saved_seed, int) and not 0 <= saved_seed <= MAX_SEED:
         # written before 2026-12-07, when fit took any integer: no seed fit takes now continues its streams (python's
         # random reads the whole integer, torch and numpy its low bits), and the run repeated another seed's
         # (a ValueError, not a ResumeMismatchError: no seed this call could pass continues it)
         raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with seed={saved_seed}, outside the "
-                         f"seeds fit takes (0 to {MAX_SKLEARN_SEED}: it repeated another seed's random streams); "
+                         f"seeds fit takes (0 to {MAX_SEED}: it repeated another seed's random streams); "
                          f"{_TRAIN_AFRESH} and a seed in that range")
     # the optimizer before lr: a run on the caller's SGD resumed without it read "trained with lr=None, this call
     # has lr=0.0001" (the default Adam's), naming an lr nobody passed

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset, TensorDataset
 
-from .._options import check_int, counted, label_dtype_fix
+from .._options import MAX_SEED, check_int, counted, label_dtype_fix
 from .._warn import warn
 
 
@@ -264,8 +264,9 @@ def labels_to_tensor(labels, n, source, key="labels"):
     return torch.from_numpy(labels.astype(np.int64))
 
 
-# scikit-learn's splits and generators take seeds 0 to 2**32 - 1 (None would draw other data on every call)
-MAX_SKLEARN_SEED = 2**32 - 1
+# scikit-learn's splits and generators take seeds 0 to 2**32 - 1 (None would draw other data on every call): the
+# library's one seed range (torch's CPU generator reads a seed's low 32 bits)
+MAX_SKLEARN_SEED = MAX_SEED
 
 
 def check_sklearn_seed(where, seed):
