@@ -1094,12 +1094,35 @@ def test_arfl_refuses_adversarial_term_options_where_there_is_none():
     assert ARFL().options() == {**ARFL(adv_sign="text").options()} and "attack_objective" not in ARFL().options()
 
 
+def test_arfl_ratio_as_is_an_option_refused_where_the_batch_is_all_one_kind():
+    """ratio_as="split" (eq. 4's r as the batch's share of standard samples, the parity file checks its loss): a
+    choice, refused with r = 0 or r = 1 (every sample is one kind either way), recorded in options() as an option
+    ("weights" as none, as checkpoints written before it existed); its part-batch means weigh their own counts."""
+    with pytest.raises(ValueError, match=r"^arfl: ratio_as='split' has no effect with r=1 \(every sample is standard "
+                                         r"data either way\); leave ratio_as out or give 0 < r < 1$"):
+        ARFL(r=1.0, ratio_as="split")
+    with pytest.raises(ValueError, match=r"^arfl: ratio_as='weights' has no effect with r=0 \(every sample is "
+                                         r"adversarial data either way\)"):
+        ARFL(r=0.0, ratio_as="weights")
+    with pytest.raises(ValueError, match=r"^arfl: expected ratio_as to be one of 'weights', 'split', got 'Split'$"):
+        ARFL(ratio_as="Split")
+    assert "ratio_as" not in ARFL().options() and "ratio_as" not in ARFL(ratio_as="weights").options()
+    assert ARFL(ratio_as="split").options()["ratio_as"] == "split"
+    torch.manual_seed(0)
+    model, x, y = TinyCNN(1, 2), torch.rand(8, 1, 8, 8), torch.arange(8) % 2
+    out = ARFL(ratio_as="split", r=0.25, steps=2)(model, x, y)
+    assert out.metric_counts == {"loss_clean": 2, "loss_robust": 2, "loss_adv": 6, "loss_robust_adv": 6}
+    assert out.logits is None and set(out.metrics) == {*out.metric_counts, "loss"}
+    assert ARFL(steps=2)(model, x, y).metric_counts == {}
+
+
 def test_options_defaulting_to_none_keep_a_given_falsy_value():
     """DPAAT's guard/reference/syn/momentum and ARFL's adv_sign/attack_objective default to None only to tell "unset"
     from "given": a given 0 or '' is that value, kept or refused as such, never replaced by the default (mutation
     pass: `guard or 1e-6` turned guard=0.0 into 1e-6, and `adv_sign or "text"` accepted '' as "text", unseen)."""
     assert DPAAT(guard=0.0).guard == 0.0 and DPAAT(guard=0.0).options()["guard"] == 0.0
-    for defense, option in ((DPAAT, "reference"), (DPAAT, "syn"), (ARFL, "adv_sign"), (ARFL, "attack_objective")):
+    for defense, option in ((DPAAT, "reference"), (DPAAT, "syn"), (ARFL, "adv_sign"), (ARFL, "attack_objective"),
+                            (ARFL, "ratio_as")):
         with pytest.raises(ValueError, match=rf"expected {option} to be one of .*, got ''$"):
             defense(**{option: ""})
 

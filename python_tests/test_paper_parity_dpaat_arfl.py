@@ -6,9 +6,9 @@ eqs. 13-14's loss changes and their mini-batch mean, eq. 15's radii, Alg. 1 line
 eq. 12's L_SAT + beta * L_syn with eq. 11's L_syn on softmax outputs (the documented choices of docs/defenses/dpaat.md:
 the Jensen-Shannon sign by default, a negative radius as no perturbation, the second attack's step eps_i * eta / eps
 or eta). ARFL (Hao et al.): eq. 1's L_robust on the last convolution's output (or the last Linear's input), eq. 2, and
-eq. 5 with ratio r, the attack on L_cls (or on eq. 5's whole adversarial term). Each sample's attack here ascends its
-own loss, one sample at a time; the library attacks the whole batch at once, so these also check that nothing couples
-the samples."""
+eq. 5 with ratio r (as loss weights, or as the batch's share of standard samples), the attack on L_cls (or on eq. 5's
+whole adversarial term). Each sample's attack here ascends its own loss, one sample at a time; the library attacks
+the whole batch at once, so these also check that nothing couples the samples."""
 
 import copy
 import math
@@ -239,11 +239,15 @@ def _l_cls(out, yi):
 
 
 def arfl_reference(model, x, y, where, lam=10.0, r=0.5, eps=0.01, steps=7, eta=None, sign=1.0, objective="cls",
-                   channel_reduction="mean", bn=False):
+                   channel_reduction="mean", bn=False, split=False):
     """Eq. 5 sample by sample, the expectation as the mean over the batch; the attack (Linf PGD from x) ascends
     L_cls, or with objective="adv_term" eq. 5's adversarial term L_cls + s * lam * L_robust. With ``bn`` the attack
-    runs in eval mode and the training forwards, batched, in train mode."""
+    runs in eval mode and the training forwards, batched, in train mode. ``split``: eq. 4's r as the batch's share
+    of standard samples, the first floor(r * N + 1/2) of it; the others adversarial, each term weighed 1 / N (with
+    ``bn`` one training forward of the mixed batch)."""
     eta = 2.5 * eps / steps if eta is None else eta
+    n = x.shape[0]
+    k = math.floor(r * n + 0.5) if split else 0
 
     def terms(z, ys):  # per-sample L_cls and L_robust of the rows of z
         out, f = _logits_and_features(model, z, where)
@@ -252,7 +256,7 @@ def arfl_reference(model, x, y, where, lam=10.0, r=0.5, eps=0.01, steps=7, eta=N
     if bn:
         model.eval()
     x_adv = []
-    for i in range(x.shape[0] if r < 1 else 0):
+    for i in range(k, n if r < 1 else 0):
         xi, yi = x[i], y[i]
         xa = xi.clone()
         for _ in range(steps):
@@ -261,6 +265,14 @@ def arfl_reference(model, x, y, where, lam=10.0, r=0.5, eps=0.01, steps=7, eta=N
             (g,) = torch.autograd.grad(cls if objective == "cls" else cls + sign * lam * rob, z)
             xa = (xi + (xa + eta * g.sign() - xi).clamp(-eps, eps)).clamp(0, 1)
         x_adv.append(xa.detach())
+    if split:
+        if bn:
+            model.train()
+            rows = terms(torch.cat([x[:k]] + [torch.stack(x_adv)] * bool(x_adv)), y)
+        else:
+            rows = [terms(v[None], y[i][None])[0] for i, v in enumerate(list(x[:k]) + x_adv)]
+        standard = sum(cls + lam * rob for cls, rob in rows[:k])  # eq. 2
+        return (standard + sum(cls + sign * lam * rob for cls, rob in rows[k:])) / n
     if bn:
         model.train()
         clean, adv = terms(x, y) if r > 0 else [], terms(torch.stack(x_adv), y) if r < 1 else []
@@ -287,10 +299,29 @@ def test_arfl_step_is_eq_5_per_sample(kw):
     _assert_same_step(model, ref, got)
 
 
+@pytest.mark.parametrize("kw", [
+    {"r": 0.5}, {"r": 0.25, "adv_sign": "printed"}, {"r": 0.75, "attack_objective": "adv_term"},
+    {"r": 0.4, "lam": 0.5, "channel_reduction": "sum", "attack_objective": "adv_term", "adv_sign": "printed"},
+    {"r": 0.05}, {"r": 0.95},
+], ids=["half", "quarter-printed", "three-quarters-adv-term", "r-lam-sum-printed-adv-term", "none-clean", "all-clean"])
+def test_arfl_ratio_as_split_is_eq_4s_share_of_the_batch_per_sample(kw):
+    """ratio_as="split": the batch's first round(r * N) samples (half up: 3, 2, 5, 2, 0 and 6 of 6) are standard data,
+    the rest adversarial, every sample's term weighed 1 / N."""
+    model, x, y = _setup(2, seed=4)
+    out = ARFL(random_start=False, ratio_as="split", **kw)(model, x, y)
+    ref = arfl_reference(model, x, y, (model.c2, "output"), lam=kw.get("lam", 10.0), r=kw["r"],
+                         sign=-1.0 if kw.get("adv_sign") == "printed" else 1.0,
+                         objective=kw.get("attack_objective", "cls"),
+                         channel_reduction=kw.get("channel_reduction", "mean"), split=True)
+    _assert_same_step(model, ref, out.loss)
+    assert (out.logits is None) == (kw["r"] < 0.95)  # clean logits of the whole batch only where it is all clean
+
+
 @pytest.mark.parametrize("kw", [{}, {"attack_objective": "adv_term"},
-                                {"attack_objective": "adv_term", "adv_sign": "printed"}],
-                         ids=["cls", "adv-term", "adv-term-printed"])
+                                {"attack_objective": "adv_term", "adv_sign": "printed"},
+                                {"ratio_as": "split", "r": 0.25}], ids=["cls", "adv-term", "adv-term-printed", "split"])
 def test_arfl_with_batchnorm_attacks_in_eval_mode_and_trains_in_train_mode(kw):
+    """ratio_as="split": one training forward of the mixed batch (its running statistics are the reference's)."""
     model, x, y = _setup(2, seed=0, bn=True)
     with torch.no_grad():  # running statistics away from BatchNorm's (0, 1) start, so eval mode differs from train
         model.bn.running_mean.fill_(0.1)
@@ -299,8 +330,10 @@ def test_arfl_with_batchnorm_attacks_in_eval_mode_and_trains_in_train_mode(kw):
     model.train()
     got = ARFL(random_start=False, **kw)(model, x, y).loss
     ref = arfl_reference(twin, x, y, (twin.c2, "output"), sign=-1.0 if kw.get("adv_sign") == "printed" else 1.0,
-                         objective=kw.get("attack_objective", "cls"), bn=True)
+                         objective=kw.get("attack_objective", "cls"), bn=True, r=kw.get("r", 0.5),
+                         split="ratio_as" in kw)
     _assert_same_step(model, ref, got, twin)
+    torch.testing.assert_close(model.bn.running_mean, twin.bn.running_mean, **TOL)
 
 
 def test_arfl_two_moons_mlp_reads_the_penultimate_layer_and_takes_bce():

@@ -17,6 +17,8 @@ feature map and averages the per-position terms over channels and positions, -(1
 features count as a 1 x D map, [N] features as a 1 x 1 map.
 """
 
+import math
+
 import torch
 from torch import nn
 
@@ -79,10 +81,12 @@ class ARFL(PGDDefense):
     r = 1 standard training, r = 0 adversarial only), adv_sign ("text" or "printed", see the module docstring),
     channel_reduction ("mean" or "sum"), layer (None: automatic, or a module name), attack_objective ("cls": PGD on
     L_cls alone, the text's reading of eq. 5; "adv_term": PGD on the whole adversarial term of eq. 5,
-    L_cls + s * lam * L_robust), plus the PGD settings
+    L_cls + s * lam * L_robust), ratio_as ("weights": eq. 5's expectation, r and 1 - r weigh every sample's
+    standard and adversarial terms; "split": the first round(r * N) samples of each batch, r * N rounded half up,
+    are standard data and the rest adversarial, the batch's loss their mean), plus the PGD settings
     (7-step Linf PGD, eps 0.01 as in ARFL's mammography experiments; two-moons: steps=1, eps=0.05, step_size=0.05,
-    random_start=False is FGSM). adv_sign and attack_objective given with r = 1 or lam = 0, where they have no effect,
-    are refused."""
+    random_start=False is FGSM). adv_sign and attack_objective given with r = 1 or lam = 0, and ratio_as with r = 0 or
+    r = 1, where they have no effect, are refused."""
 
     name = "arfl"
     binary_only = True
@@ -90,9 +94,10 @@ class ARFL(PGDDefense):
     default_steps = 7
 
     # adv_sign and attack_objective default to None, resolved to "text" and "cls": None tells an option left unset from
-    # one given where the adversarial term it shapes is absent (r = 1) or has no L_robust (lam = 0), which is refused
+    # one given where the adversarial term it shapes is absent (r = 1) or has no L_robust (lam = 0), which is refused;
+    # ratio_as likewise ("weights"), refused where r = 0 or r = 1 makes the batch all one kind
     def __init__(self, lam=10.0, r=0.5, adv_sign=None, channel_reduction="mean", layer=None, attack_objective=None,
-                 **attack):
+                 ratio_as=None, **attack):
         super().__init__(**attack)
         n = self.name
         self.lam = real_option(n, "lam", lam, minimum=0)
@@ -113,11 +118,19 @@ class ARFL(PGDDefense):
         elif self.lam == 0:
             # adv_term's objective is then L_cls alone, the "cls" attack
             refuse_unused(n, given, "lam=0 (no L_robust term for them to sign or attack)", "give lam > 0")
+        # eq. 4's r as loss weights (the expectation) or as the share of each batch's samples left clean
+        self.ratio_as = check_choice(n, "ratio_as", "weights" if ratio_as is None else ratio_as, ("weights", "split"))
+        if self.r in (0, 1):
+            kind = "standard" if self.r else "adversarial"
+            refuse_unused(n, {"ratio_as": ratio_as}, f"r={self.r:g} (every sample is {kind} data either way)",
+                          "give 0 < r < 1")
 
     def options(self):
         options = super().options()
         if options["attack_objective"] == "cls":  # as checkpoints written before the option existed record it: absent
             del options["attack_objective"]
+        if options["ratio_as"] == "weights":  # likewise
+            del options["ratio_as"]
         return options
 
     def feature_module(self, model):
@@ -182,14 +195,13 @@ class ARFL(PGDDefense):
         self._check_binary(y)
         y = labels(self.name, x, y)
         sign = 1.0 if self.adv_sign == "text" else -1.0
+        if self.ratio_as == "split":
+            return self._split_batch(model, x, y, sign)
         x_adv = None
         if self.r < 1:
             # before the clean training forward, as SAT: that forward moves BatchNorm's running statistics, which an
             # eval-mode attack reads, so with lam = 0 the dual AT + ARFL run trained another model than SAT's
-            if self.attack_objective == "cls":
-                x_adv = self.attack(model, x, y).x_adv
-            else:
-                x_adv = self.ascend(_AdversarialTerm(self, unwrap(model), y, sign), x).x_adv
+            x_adv = self._adversarial(model, x, y, sign)
         logits = None
         loss, metrics = 0.0, {}
         if self.r > 0:
@@ -211,3 +223,36 @@ class ARFL(PGDDefense):
             metrics.update(loss_adv=adv, loss_robust_adv=robust_adv)
         metrics["loss"] = loss
         return DefenseOutput(loss=loss, logits=logits, metrics=metric_values(**metrics))  # one host read for all
+
+    def _adversarial(self, model, x, y, sign):
+        if self.attack_objective == "cls":
+            return self.attack(model, x, y).x_adv
+        return self.ascend(_AdversarialTerm(self, unwrap(model), y, sign), x).x_adv
+
+    def _split_batch(self, model, x, y, sign):
+        """ratio_as="split": the batch's first k = round(r * N) samples (r * N rounded half up) as standard data, the
+        other N - k attacked; one training forward of the mixed batch (as a batch of both kinds would run), the loss
+        the mean of the samples' eq. 2 terms (standard) and eq. 5 adversarial terms. Clean logits for the whole batch
+        exist only where k = N."""
+        n = x.shape[0]
+        k = min(n, int(math.floor(self.r * n + 0.5)))
+        parts = [x[:k]]
+        if k < n:
+            parts.append(self._adversarial(model, x[k:], y[k:], sign))  # before the training forward, as above
+        logits, feats = self._forward_with_features(model, torch.cat(parts) if len(parts) > 1 else parts[0])
+        self._check_binary(y, logits)
+        cls = float32_or_wider(per_sample_ce(logits, y))
+        robust = _robust_feature_loss(feats, y, self.channel_reduction, labels_checked=True)
+        weight = torch.ones_like(robust)
+        weight[k:] = sign
+        loss = (cls + weight * self.lam * robust).sum() / n
+        metrics, counts = {}, {}
+        if k > 0:  # each a mean over its part of the batch: fit weighs it by that part's count
+            metrics.update(loss_clean=cls[:k].mean(), loss_robust=robust[:k].mean())
+            counts.update(loss_clean=k, loss_robust=k)
+        if k < n:
+            metrics.update(loss_adv=cls[k:].mean(), loss_robust_adv=robust[k:].mean())
+            counts.update(loss_adv=n - k, loss_robust_adv=n - k)
+        metrics["loss"] = loss
+        return DefenseOutput(loss=loss, logits=logits if k == n else None, metrics=metric_values(**metrics),
+                             metric_counts=counts)
