@@ -7893,3 +7893,54 @@ def test_refusals_and_failures_no_other_attack_test_reached():
     wrong.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
     attacks.white_noise(wrong, x, y, eps=0.1, trials=10)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_run_pgd_x_init_starts_at_its_projection_onto_each_ball(norm):
+    # x_init: the start is x_init projected onto each sample's ball around x and clipped, before the first step (the
+    # first forward sees it); continuing from an earlier run's x_adv is that run with more steps.
+    seen = []
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = make_model(3, torch.float64)
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return self.body(x)
+
+    model = Recording()
+    x, y = make_data(4, 3, torch.float64)
+    eps = torch.tensor([0.0, 0.05, 0.2, 1.0 if norm == "linf" else 3.0], dtype=torch.float64)
+    far = x + 2.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    run_pgd(model, x, y, eps=eps, alpha=eps / 4, steps=1, norm=norm, x_init=far)
+    d = far - x
+    if norm == "linf":
+        d = torch.maximum(torch.minimum(d, eps.view(-1, 1, 1, 1)), -eps.view(-1, 1, 1, 1))
+    else:
+        d = d * torch.clamp(eps / norm_of(d, "l2"), max=1.0).view(-1, 1, 1, 1)
+    torch.testing.assert_close(seen[0], (x + d).clamp(0, 1), rtol=0, atol=1e-12)
+    whole = run_pgd(model, x, y, eps=0.3, alpha=0.05, steps=5, norm=norm).x_adv
+    first = run_pgd(model, x, y, eps=0.3, alpha=0.05, steps=3, norm=norm).x_adv
+    torch.testing.assert_close(run_pgd(model, x, y, eps=0.3, alpha=0.05, steps=2, norm=norm, x_init=first).x_adv,
+                               whole, rtol=0, atol=1e-12)
+
+
+def test_run_pgd_x_init_is_refused_in_one_line_where_it_cannot_be_the_start():
+    model = make_model(3)
+    x, y = make_data(2, 3)
+    kw = dict(eps=0.1, alpha=0.05, steps=1)
+    with pytest.raises(ValueError, match=r"pgd: expected random_start=False and start_noise=0 with x_init"):
+        run_pgd(model, x, y, x_init=x, random_start=True, name="pgd", **kw)
+    with pytest.raises(ValueError, match=r"run_pgd: expected random_start=False and start_noise=0 with x_init"):
+        run_pgd(model, x, y, x_init=x, start_noise=0.01, **kw)
+    with pytest.raises(TypeError, match=r"run_pgd: expected x_init to be a tensor of x's shape, dtype and device, "
+                                        r"got ndarray"):
+        run_pgd(model, x, y, x_init=x.numpy(), **kw)
+    for bad in (x[:1], x.double(), x.to("meta")):
+        with pytest.raises(ValueError, match=r"run_pgd: expected x_init to have x's shape \(2, 1, 12, 12\), dtype "
+                                             r"torch.float32 and device cpu, got "):
+            run_pgd(model, x, y, x_init=bad, **kw)
+    with pytest.raises(ValueError, match=r"run_pgd: expected x_init to be finite, got NaN or Inf"):
+        run_pgd(model, x, y, x_init=torch.full_like(x, float("nan")), **kw)

@@ -256,6 +256,24 @@ def check_start(name, random_start, start_noise, or_unset=False):
     return start_noise
 
 
+def check_x_init(name, x_init, x, random_start, start_noise):
+    """run_pgd's ``x_init``: None, or a finite tensor of ``x``'s shape, dtype and device, given without
+    ``random_start`` or ``start_noise`` (two starts: which one ran would be a guess)."""
+    if x_init is None:
+        return
+    if random_start is True or start_noise:
+        raise ValueError(f"{name}: expected random_start=False and start_noise=0 with x_init (the start is x_init "
+                         f"projected onto the ball), got random_start={random_start}, start_noise={start_noise:g}")
+    if not torch.is_tensor(x_init):
+        raise TypeError(f"{name}: expected x_init to be a tensor of x's shape, dtype and device, got "
+                        f"{type(x_init).__name__}")
+    if x_init.shape != x.shape or x_init.dtype != x.dtype or x_init.device != x.device:
+        raise ValueError(f"{name}: expected x_init to have x's shape {tuple(x.shape)}, dtype {x.dtype} and device "
+                         f"{x.device}, got {tuple(x_init.shape)}, {x_init.dtype} and {x_init.device}")
+    if x_init.numel() and not bool(torch.isfinite(x_init).all()):
+        raise ValueError(f"{name}: expected x_init to be finite, got NaN or Inf")
+
+
 def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="eps", alpha_arg="alpha", eps=None,
                       alpha=None, eps_max=None, alpha_max=None):
     """Linf: an ``arg`` (or a step while it fits) wider than the clip range is refused (:func:`linf_wider_than_range`).
@@ -657,6 +675,7 @@ def run_pgd(
     generator=None,
     grad_transform=None,
     step_noise=0.0,
+    x_init=None,
     name="run_pgd",
 ):
     r"""Projected gradient descent (Madry et al. 2018, arXiv:1706.06083) on one fused step op.
@@ -695,6 +714,10 @@ def run_pgd(
         step_noise (float >= 0): each step also adds ``step_noise * N(0, 1)`` (drawn with ``generator``) to the iterate
             of every sample still moving, before the projection: ``x <- clip(P(x + alpha*sign(g) + step_noise*n))``,
             FAT's reference code's omega. 0: no noise, no draws.
+        x_init (Tensor, x's shape, dtype and device): start at ``x_init`` projected onto each sample's ball around
+            ``x`` and clipped to ``[clip_min, clip_max]`` (the step's own projection, before the first step) instead of
+            ``x``: e.g. continuing from an earlier attack's x_adv at new radii. Not with ``random_start`` or
+            ``start_noise``. None (default): start at ``x``.
         name (str): the attack the errors are reported as (``pgd: expected steps ...``); the attacks built on this
             loop pass their own ("pgd", "fgsm", "ifgsm", "cw_linf"). Default "run_pgd".
 
@@ -728,6 +751,7 @@ def run_pgd(
     check_linf_step_resolution(name, norm, x, eps, alpha)
     step_noise = check_real(name, "step_noise", step_noise, minimum=0)
     start_noise = check_start(name, random_start, start_noise)
+    check_x_init(name, x_init, x, random_start, start_noise)
     if grad_transform is not None and not callable(grad_transform):
         raise TypeError(f"{name}: expected grad_transform to be a callable (grad, step) -> tensor, got "
                         f"{type(grad_transform).__name__}")
@@ -767,7 +791,12 @@ def run_pgd(
     step_on, clips = _backend.resolve("pgd_step_", x.device), (float(clip_min), float(clip_max))
 
     with attack_context(model, model_mode, name):
-        if random_start:
+        if x_init is not None:
+            # the fused step at alpha 0 from x_init: its projection onto each ball and its clip, as every step's
+            x_adv.copy_(x_init.detach())
+            functional._pgd_step_on(step_on, x_adv, x_nat, torch.zeros_like(x_adv), torch.zeros_like(alpha_t), eps_t,
+                                    *clips, norm, None, 0)
+        elif random_start:
             random_start_(x_adv, x_nat, eps_t, eps_scalar, norm, clip_min, clip_max, generator)
         elif start_noise:
             # TRADES's / MART's x + 0.001 * randn, not projected (the first step projects), clipped as every iterate
