@@ -1611,6 +1611,37 @@ def test_dpaat_denominator_as_printed_divides_by_the_signed_mean_loss_change():
         DPAAT(adapt=False, denominator="printed")
 
 
+def test_dpaat_second_attack_start_first_adv_continues_from_the_first_x_adv(monkeypatch):
+    """Alg. 1 line 12's other reading: second_attack_start="first_adv" starts the second PGD at the first x_adv
+    (run_pgd's x_init, without a random start even where the first attack had one); "x" (default) from x. Recorded
+    only when "first_adv", and refused with adapt=False (no second attack)."""
+    from robust_ops.attacks import core
+
+    starts = []
+    real = core.run_pgd
+
+    def recording(*args, **kwargs):
+        starts.append((kwargs.get("x_init"), kwargs.get("random_start")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "run_pgd", recording)
+    model, x, y = _model_and_batch()
+    DPAAT(second_attack_start="first_adv", random_start=True, steps=2)(model, x, y)
+    DPAAT(steps=2)(model, x, y)
+    assert starts[0] == (None, True) and starts[1][1] is False and starts[1][0] is not None
+    assert starts[2:] == [(None, False), (None, False)]
+    assert "second_attack_start" not in DPAAT().options()
+    assert "second_attack_start" not in DPAAT(second_attack_start="x").options()
+    assert DPAAT(second_attack_start="first_adv").options()["second_attack_start"] == "first_adv"
+    with pytest.raises(ValueError, match="dpaat: expected second_attack_start to be one of 'x', 'first_adv', got "
+                                         "'adv'"):
+        DPAAT(second_attack_start="adv")
+    with pytest.raises(ValueError, match=r"dpaat: second_attack_start='first_adv' has no effect with adapt=False "
+                                         r"\(no adaptive radii: the first x_adv is trained on\); leave "
+                                         r"second_attack_start out or set adapt=True"):
+        DPAAT(adapt=False, second_attack_start="first_adv")
+
+
 def test_dpaat_negative_mean_loss_change_and_running_reference():
     """DPAAT's documented choices: |dL_avg| in gamma's denominator, so a negative mean does not flip the rule (a
     sample whose loss rose more than the mean still shrinks), and reference="running": an exponential running mean

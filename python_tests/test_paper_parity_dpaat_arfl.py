@@ -67,20 +67,24 @@ def _ce(model, xi, yi):
     return F.cross_entropy(model(xi[None]), yi[None])
 
 
-def _pgd_one(model, xi, yi, eps, eta, steps, norm):
-    """Eq. 9 for one sample, from x_0 = x: x <- clip(Proj_B(x + eta * step(g))), step = g / ||g||_2 (L2) or sign(g)
-    (Linf)."""
-    xa = xi.clone()
+def _project(xi, xa, eps, norm):
+    """clip(Proj_B(xa)): onto the ball of radius eps around xi, then into [0, 1]."""
+    d = xa - xi
+    if norm == "l2":
+        d = d * min(1.0, eps / float(d.norm())) if float(d.norm()) > 0 else d
+    else:
+        d = d.clamp(-eps, eps)
+    return (xi + d).clamp(0, 1)
+
+
+def _pgd_one(model, xi, yi, eps, eta, steps, norm, start=None):
+    """Eq. 9 for one sample, from x_0 = x (or from ``start`` projected onto the ball): x <- clip(Proj_B(x + eta *
+    step(g))), step = g / ||g||_2 (L2) or sign(g) (Linf)."""
+    xa = xi.clone() if start is None else _project(xi, start, eps, norm)
     for _ in range(steps):
         z = xa.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(_ce(model, z, yi), z)
-        xa = xa + eta * (g / g.norm() if norm == "l2" else g.sign())
-        d = xa - xi
-        if norm == "l2":
-            d = d * min(1.0, eps / float(d.norm())) if float(d.norm()) > 0 else d
-        else:
-            d = d.clamp(-eps, eps)
-        xa = (xi + d).clamp(0, 1)
+        xa = _project(xi, xa + eta * (g / g.norm() if norm == "l2" else g.sign()), eps, norm)
     return xa.detach()
 
 
@@ -94,9 +98,10 @@ def _printed_syn(p, q):  # eq. 11 exactly as printed
 
 
 def dpaat_reference(model, x, y, eps=0.3, eta=0.15, steps=7, norm="l2", alpha=0.5, beta=1.0, syn="js", adapt=True,
-                    radius_step="scaled", bn=False):
+                    radius_step="scaled", bn=False, second_attack_start="x"):
     """One DPAAT step's loss, sample by sample (Alg. 1). With ``bn`` the attacks and the loss changes run in eval
-    mode and the training forwards in train mode (BatchNorm couples the batch: those two forwards are batched)."""
+    mode and the training forwards in train mode (BatchNorm couples the batch: those two forwards are batched).
+    ``second_attack_start="first_adv"``: line 12's PGD continues from the first x_adv instead of starting at x."""
     n = x.shape[0]
     model.eval()
     x_adv = [_pgd_one(model, x[i], y[i], eps, eta, steps, norm) for i in range(n)]  # Alg. 1 line 2
@@ -109,7 +114,8 @@ def dpaat_reference(model, x, y, eps=0.3, eta=0.15, steps=7, norm="l2", alpha=0.
             gamma = eps * abs(dl[i] - avg) / avg  # eq. 15 (a positive mean here: |avg| = avg)
             dist = float((x_adv[i] - x[i]).norm(p=2 if norm == "l2" else math.inf))
             radii.append(max(dist - gamma if dl[i] > avg else dist + gamma, 0.0))
-        x_adv = [_pgd_one(model, x[i], y[i], r, r * eta / eps if radius_step == "scaled" else eta, steps, norm)
+        x_adv = [_pgd_one(model, x[i], y[i], r, r * eta / eps if radius_step == "scaled" else eta, steps, norm,
+                          x_adv[i] if second_attack_start == "first_adv" else None)
                  if r > 0 else x[i].clone() for i, r in zip(range(n), radii)]  # Alg. 1 line 12
     if bn:
         model.train()
@@ -128,8 +134,9 @@ def dpaat_reference(model, x, y, eps=0.3, eta=0.15, steps=7, norm="l2", alpha=0.
 
 @pytest.mark.parametrize("kw", [
     {}, {"syn": "printed"}, {"radius_step": "fixed"}, {"alpha": 0.8, "beta": 0.3},
-    {"norm": "linf", "eps": 0.05, "step_size": 0.02},
-], ids=["defaults", "syn-printed", "radius-step-fixed", "alpha-beta", "linf"])
+    {"norm": "linf", "eps": 0.05, "step_size": 0.02}, {"second_attack_start": "first_adv"},
+    {"second_attack_start": "first_adv", "norm": "linf", "eps": 0.05, "step_size": 0.02},
+], ids=["defaults", "syn-printed", "radius-step-fixed", "alpha-beta", "linf", "first-adv", "first-adv-linf"])
 def test_dpaat_step_is_the_papers_per_sample_algorithm(kw):
     model, x, y = _setup(3)
     out = DPAAT(**kw)(model, x, y)
@@ -137,7 +144,8 @@ def test_dpaat_step_is_the_papers_per_sample_algorithm(kw):
     got = out.loss
     ref = dpaat_reference(model, x, y, eps=kw.get("eps", 0.3), eta=kw.get("step_size", kw.get("eps", 0.3) / 2),
                           norm=kw.get("norm", "l2"), alpha=kw.get("alpha", 0.5), beta=kw.get("beta", 1.0),
-                          syn=kw.get("syn", "js"), radius_step=kw.get("radius_step", "scaled"))
+                          syn=kw.get("syn", "js"), radius_step=kw.get("radius_step", "scaled"),
+                          second_attack_start=kw.get("second_attack_start", "x"))
     _assert_same_step(model, ref, got)
 
 

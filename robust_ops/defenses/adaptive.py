@@ -76,7 +76,9 @@ class _AdaptiveRadius(PGDDefense):
                              "(diverged? try a lower learning rate)")
         return losses
 
-    def _attack_with_radii(self, model, x, y, radii):
+    def _attack_with_radii(self, model, x, y, radii, x_init=None):
+        """The new x_adv at per-sample ``radii``: PGD from x, or from ``x_init`` projected onto each new ball (then
+        without a random start)."""
         radii = radii.to(x.dtype)
         if self.radius_step == "fixed":
             alpha = torch.full_like(radii, self.step_size)
@@ -89,7 +91,8 @@ class _AdaptiveRadius(PGDDefense):
             # (a step_size above eps scales such a radius past the width): a step of the width already reaches the box.
             width = self.clip_max - self.clip_min
             eps, alpha = radii.clamp_max(width), alpha.clamp_max(width)
-        return self.attack(model, x, y, eps=eps, alpha=alpha).x_adv
+        start = {} if x_init is None else {"x_init": x_init, "random_start": False}
+        return self.attack(model, x, y, eps=eps, alpha=alpha, **start).x_adv
 
 
 class AMAT(_AdaptiveRadius):
@@ -162,11 +165,14 @@ class DPAAT(_AdaptiveRadius):
     max_radius (None: no cap, as in the paper) caps eps_i; reference="batch" (eq. 14) or "running" (an exponential
     running mean of dL_avg over batches, momentum 0.1 -- the epoch-wide V of eq. 13); syn="js" (default) or "printed"
     (see synchronization_loss); radius_step="scaled" (the second attack steps by eps_i * step_size / eps) or "fixed"
-    (step_size at every radius, the paper's 0.15 read literally). beta = 1 (the paper leaves it tunable). State
-    (checkpointed): the running mean, the number of batches and the mean radius of the last batch.
+    (step_size at every radius, the paper's 0.15 read literally); second_attack_start="x" (Alg. 1 line 12's new x_adv
+    by a fresh PGD from x) or "first_adv" (PGD continued from the first x_adv, projected onto each new ball). beta = 1
+    (the paper leaves it tunable). State (checkpointed): the running mean, the number of batches and the mean radius
+    of the last batch.
 
     An option given where it has no effect is refused, naming it: guard, max_radius, reference, momentum,
-    radius_step and denominator under adapt=False, momentum under reference="batch", syn under beta=0.
+    radius_step, denominator and second_attack_start under adapt=False, momentum under reference="batch", syn under
+    beta=0.
     """
 
     name = "dpaat"
@@ -175,7 +181,7 @@ class DPAAT(_AdaptiveRadius):
     # option left unset from one given where it has no effect, which is refused (adapt=False trained as if
     # reference="running", momentum=0.5 had not been asked for). options() records the resolved values, as before.
     def __init__(self, alpha=0.5, beta=1.0, guard=None, max_radius=None, reference=None, syn=None, momentum=None,
-                 adapt=True, radius_step=None, denominator=None, **attack):
+                 adapt=True, radius_step=None, denominator=None, second_attack_start=None, **attack):
         super().__init__(radius_step=radius_step, **attack)
         n = self.name
         self.alpha = real_option(n, "alpha", alpha, minimum=0, maximum=1)
@@ -187,13 +193,19 @@ class DPAAT(_AdaptiveRadius):
         # gamma's denominator: |dL_avg| ("abs"), or eq. 15's dL_avg as printed (a negative mean swaps shrink and grow)
         self.denominator = check_choice(n, "denominator", "abs" if denominator is None else denominator,
                                         ("abs", "printed"))
+        # Alg. 1 line 12's "returned new x^adv with eps_DPAAT": a fresh PGD from x ("x"), or PGD continued from the
+        # first x_adv ("first_adv"), projected onto each sample's new ball before its first step
+        self.second_attack_start = check_choice(n, "second_attack_start",
+                                                "x" if second_attack_start is None else second_attack_start,
+                                                ("x", "first_adv"))
         self.momentum = real_option(n, "momentum", 0.1 if momentum is None else momentum, minimum=0, maximum=1,
                                    allow_min=False)
         check_flags(n, {"adapt": adapt})  # adapt="no" would have adapted
         self.adapt = adapt
         if not adapt:
             refuse_unused(n, {"guard": guard, "max_radius": max_radius, "reference": reference, "momentum": momentum,
-                              "radius_step": radius_step, "denominator": denominator},
+                              "radius_step": radius_step, "denominator": denominator,
+                              "second_attack_start": second_attack_start},
                           "adapt=False (no adaptive radii: the first x_adv is trained on)", "set adapt=True")
         elif self.reference == "batch":
             refuse_unused(n, {"momentum": momentum}, "reference='batch' (eq. 14's mini-batch mean, no running mean)",
@@ -242,7 +254,8 @@ class DPAAT(_AdaptiveRadius):
         if self.adapt:
             clean_l, adv_l = self._losses(model, y, x, x_adv)
             radii = self.radii(float32_or_wider(sample_distance(x_adv, x, self.norm)), adv_l - clean_l)
-            x_adv = self._attack_with_radii(model, x, y, radii)
+            x_adv = self._attack_with_radii(model, x, y, radii,
+                                            x_adv if self.second_attack_start == "first_adv" else None)
             radius = {"radius_mean": self._radius_mean}  # a tensor: read with the metrics below
         if self.alpha == 1 and self.beta == 0:
             # L = L(x_adv) alone: a clean training forward with weight 0 still moved BatchNorm's running statistics
@@ -272,6 +285,8 @@ class DPAAT(_AdaptiveRadius):
             del options["adapt"]
         if options["denominator"] == "abs":  # likewise
             del options["denominator"]
+        if options["second_attack_start"] == "x":  # likewise
+            del options["second_attack_start"]
         return options
 
     def holds_state(self):
