@@ -3574,6 +3574,22 @@ def test_a_ctrl_c_after_the_command_returned_keeps_its_status_and_prints_no_trac
     said, err = capsys.readouterr()
     assert (rc, err) == (0, "") and "trained standard" in said
 
+
+def test_a_ctrl_c_as_main_opens_its_signal_context_is_an_interrupt(capsys, monkeypatch):
+    """A Ctrl-C as main entered its signal context (before the command started) ended in `UnboundLocalError: cannot
+    access local variable 'sigterm'`, a traceback, instead of the interrupt's one line and status 130."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def interrupted_as_it_opens():
+        raise KeyboardInterrupt
+        yield  # noqa: unreachable; makes this a generator
+
+    monkeypatch.setattr(cli, "_sigterm_as_interrupt", interrupted_as_it_opens)
+    rc, said, err = run(["bench", "--list"], capsys)
+    assert (rc, said, err.strip()) == (130, "", "robust-ops: interrupted")
+
+
 @pytest.mark.parametrize("signum,status", [("SIGTERM", 143), ("SIGINT", 130)])
 def test_an_interrupt_inside_a_lazy_import_stops_train_with_its_one_line(small_npz, tmp_path, capsys, monkeypatch,
                                                                          signum, status):

@@ -2764,7 +2764,7 @@ def main(argv=None):
     line on stderr), 130 when interrupted (a Ctrl-C after the command returned keeps its status), 143 on SIGTERM, 141
     when the reader of its output left; ``--help`` and ``--version`` raise SystemExit(0), as argparse does.
     ``robust-ops`` and ``python -m robust_ops`` call it."""
-    status = None
+    status, sigterm = None, {"terminated": False}  # a Ctrl-C as the signal context opens finds them set
     try:
         with _sigterm_as_interrupt() as sigterm:
             try:
