@@ -1859,6 +1859,25 @@ def test_run_protocol_takes_a_protocols_name(tmp_path, capsys):
     assert not (tmp_path / "other").exists()
 
 
+@pytest.mark.parametrize("given,said", [(dict(lr=0.0), "--lr: expected a finite learning rate > 0, got 0.0"),
+                                        (dict(lr=float("nan")), "--lr: expected a finite learning rate > 0, got nan"),
+                                        (dict(batch_size=0), "--batch-size: expected >= 1, got 0"),
+                                        (dict(epochs=0), "--epochs: expected >= 1, got 0"),
+                                        (dict(seeds=-1), "--seeds: expected >= 1, got -1")],
+                         ids=["lr0", "lr_nan", "batch0", "epochs0", "seeds_negative"])
+def test_run_protocol_checks_its_counts_and_lr_as_the_command_does(tmp_path, capsys, given, said):
+    """run_protocol skipped the checks `robust-ops reproduce` makes: lr=0 trained every run at lr 0, epochs=0 trained
+    the protocol's epochs, seeds=-1 was an AttributeError, and batch_size=0 or lr=nan failed inside the first run's
+    fit, its folder made. Each is the command's one-line error, before anything is written."""
+    from robust_ops.cli import CLIError
+    from robust_ops.reproduce import run_protocol
+
+    options = dict(epochs=1, seeds=1) | given
+    with pytest.raises(CLIError, match=f"^{re.escape(said)}$"):
+        run_protocol("arfl-moons", out=tmp_path / "r", quick=True, progress=False, **options)
+    assert list(tmp_path.iterdir()) == [] and capsys.readouterr().out == ""
+
+
 def test_eval_cache_keeps_one_entry_per_key_and_hands_out_copies(tmp_path):
     # --reevaluate puts fresh rows under a key the cache holds: they replace the old entry (kept beside it, the next
     # run's lookup found the stale rows first); run_protocol relabels the rows it gets, which must not reach the

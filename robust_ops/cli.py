@@ -2613,9 +2613,6 @@ def cmd_reproduce(args):
     out = Path(args.out) if args.out else Path("runs") / "reproduce" / args.name
     check_out(out)
     refuse_train_folder(out, f"reproduce {args.name}")
-    check_count("--epochs", args.epochs)
-    check_count("--seeds", args.seeds)
-    check_optimiser_options(args.batch_size, args.lr)
     dist_timeout = checked_dist_timeout(args)
     from .evaluate import EvalError
 
