@@ -1583,6 +1583,32 @@ def test_train_resume_refusal_names_the_flags_as_typed(small_npz, tmp_path, caps
     assert str(err).endswith("was trained with channels_last=True, this command has channels_last=False"), err
 
 
+def test_resume_of_a_run_trained_with_a_seed_out_of_range_says_it_cannot_continue(small_npz, tmp_path, capsys):
+    """A run trained (before fit refused them) with a seed from 2**32 on: --resume said "rerun with the run's settings
+    (--seed 1099511627776)", which --seed then refused ("expected 0 to 4294967295"). It says the run cannot be
+    continued and how to go on, from run.json or, without one, from the checkpoint's record."""
+    import torch
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_npz, "--model", "mlp", "--epochs", "1", "--out", out, "--no-progress",
+            "--device", "cpu"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 0, err
+    record = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps(record | {"seed": 2**40}))
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state["config"]["seed"] = 2**40
+    torch.save(state, out / "checkpoint.pt")
+    again = argv[:6] + ["2"] + argv[7:] + ["--resume"]
+    for where in ("run.json", "checkpoint.pt"):
+        if where == "checkpoint.pt":
+            (out / "run.json").unlink()
+        rc, _, err = run(again, capsys)
+        line = one_line_error(rc, err, f"--resume: {out / where} was trained with --seed 1099511627776, outside 0 to "
+                                       "4294967295", "so the run cannot be continued; train afresh without --resume")
+        assert "rerun" not in line
+
+
 def test_mirst_dm_with_dropmax_all_trains_what_run_json_records(small_npz, tmp_path, capsys, monkeypatch):
     """--defense mirst-dm --dropmax all: every max-pooling of the trained model is drop-max, as run.json records and
     eval rebuilds (the option was dropped: mirst-dm replaced only the first, and eval attacked another model)."""

@@ -903,6 +903,12 @@ def resume_refusal(path, key, was, now, flags):
     if key == "epochs":
         return CLIError(f"--resume: {path} holds {was} epochs of training, more than --epochs {now}; pass --epochs "
                         f"{was} or more (the run's total, not the epochs to add), or {TRAIN_AFRESH}")
+    from .data.core import MAX_SKLEARN_SEED
+
+    if key == "seed" and isinstance(was, int) and not 0 <= was <= MAX_SKLEARN_SEED:  # before fit refused such seeds
+        return CLIError(f"--resume: {path} was trained with --seed {was}, outside 0 to {MAX_SKLEARN_SEED}, the range "
+                        "every seed has now (torch's CPU generator reads only a seed's low 32 bits: it repeated "
+                        f"another seed's random numbers), so the run cannot be continued; {TRAIN_AFRESH}")
     if key == "train_data_sha256":  # a checkpoint's fingerprint: the digests themselves tell a user nothing
         return CLIError(f"--resume: {path} {OTHER_TRAINING_IMAGES}; rerun with the run's --data, --size, --classes, "
                         f"--bit-depth and --channels to continue it, or {TRAIN_AFRESH}")
