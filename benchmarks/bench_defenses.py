@@ -2,12 +2,13 @@
 
 Goals (issue 5): MIRST with reuse (parameter gradients from the attack's own backward passes) >= 1.25x faster than the
 plain formulation (a second forward/backward over the 4 instances), and <= 1.35x the time of a PGD-10 AT step.
-Same run, resnet18 at 1x64x64, batch 32 by default. The peer row is a PGD-10 AT step with torchattacks' PGD; the
-reference row the same AT step on the library's plain-PyTorch reference ops ($ROBUST_OPS_BACKEND=reference).
+Same run, resnet18 at 1x64x64, batch 32 by default (--quick: 1x32x32, batch 8). The peer row is a PGD-10 AT step
+with torchattacks' PGD; the reference row the same AT step on the library's plain-PyTorch reference ops
+($ROBUST_OPS_BACKEND=reference).
 With --fit-steps N each defense also gets a fit row: its step inside robust_ops.train.fit (a fit of 1 + N steps less
 a fit of 1 step, per step, timed in the same rounds), and both paths' host reads per step.
 
-    python benchmarks/bench_defenses.py --quick              # 1 warm-up + 3 timed steps per defense
+    python benchmarks/bench_defenses.py --quick              # 1 warm-up + 3 timed steps per defense, 1x32x32 x 8
     python benchmarks/bench_defenses.py --defenses mirst at  # a subset
     python benchmarks/bench_defenses.py --quick --model small_cnn --size 32 --batch 8 --fit-steps 3  # fit rows too
 """
@@ -131,11 +132,12 @@ def fit_path(name, args, device, steps):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps (default: 2 + 7)")
+    ap.add_argument("--quick", action="store_true",
+                    help="1 warm-up + 3 timed steps (default: 2 + 7), at --size 32 and --batch 8 unless given")
     ap.add_argument("--defenses", nargs="+", default=list(ALL), choices=ALL)
     ap.add_argument("--model", default="resnet18", choices=MODELS)
-    ap.add_argument("--size", type=positive_int, default=64)
-    ap.add_argument("--batch", type=positive_int, default=32)
+    ap.add_argument("--size", type=positive_int, help="image side (default 64; 32 with --quick)")
+    ap.add_argument("--batch", type=positive_int, help="images per step (default 32; 8 with --quick)")
     ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--warmup", type=nonnegative_int, help="warm-up rounds (default 1 with --quick, else 2)")
     ap.add_argument("--rounds", type=positive_int, help="timed rounds (default 3 with --quick, else 7)")
@@ -145,6 +147,10 @@ def main(argv=None):
                          "step, per step, and count both paths' host reads per step (default 0: the bare steps only)")
     args = ap.parse_args(argv)
     refuse_repeated(ap, "--defenses", args.defenses)  # a repeat ran once, its second naming dropped without a word
+    # --quick's shapes: resnet18 at 64x64, batch 32 took minutes a round on one thread (18 defenses), and `robust-ops
+    # bench --quick` printed nothing for 10 minutes; 32x32, batch 8 is ~25 s a round there
+    args.size = args.size or (32 if args.quick else 64)
+    args.batch = args.batch or (8 if args.quick else 32)
     try:  # before any work: a model that cannot take --size images (densenet121 below 15x15)
         model = build_model(args.model, in_channels=1, num_classes=2, image_size=args.size)
     except ValueError as err:

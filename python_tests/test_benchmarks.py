@@ -1219,6 +1219,20 @@ def test_defenses_rows_are_medians_of_the_timed_rounds_of_each_defense(monkeypat
         assert (r["model"], r["input"], r["reps"]) == ("small_cnn", "2x1x8x8", 3)
 
 
+def test_defenses_quick_trains_small_shapes_unless_given(monkeypatch, capsys):
+    """--quick cut the rounds only: every defense kept resnet18 at 64x64, batch 32, and `robust-ops bench --only
+    defenses` (quick) printed nothing for 600 s on one thread. --quick now steps at 32x32, batch 8 (the full run at
+    64x64, batch 32), and --size / --batch given are kept."""
+    mod, written, _ = _script(monkeypatch, "bench_defenses", [])
+    monkeypatch.setattr(mod, "train_step", lambda *args: None)
+    argv = ["--defenses", "at", "--model", "small_cnn", "--device", "cpu", "--warmup", "0", "--rounds", "1"]
+    for flags, shape in ((["--quick"], "8x1x32x32"), ([], "32x1x64x64"),
+                         (["--quick", "--size", "16", "--batch", "4"], "4x1x16x16")):
+        mod.main(argv + flags)
+        assert {r["input"] for r in written["defenses"]} == {shape}, flags
+    capsys.readouterr()
+
+
 def test_defenses_reference_row_is_the_at_step_on_the_reference_ops(monkeypatch, capsys):
     """at-reference-ops: the same PGD-10 AT step, run with $ROBUST_OPS_BACKEND=reference (restored afterwards), so
     the table compares the native ops with their plain-PyTorch references in the same run."""
