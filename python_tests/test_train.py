@@ -5440,6 +5440,26 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_the_first_epoch(out
         replace_atomically("/proc/checkpoint.pt", lambda f: f.write("x"))
 
 
+def test_an_out_dir_that_is_a_link_to_nowhere_is_refused_by_the_out_rule(tmp_path):
+    """fit's out_dir check was a copy of the CLI's --out rule without its dangling-link check: an out_dir linking to a
+    folder not made yet ended in a bare `[Errno 17] File exists: '.../linkout'` (mkdir cannot follow the link). It is
+    _files.out_dir_problem's refusal, naming out_dir and the way on, before any step."""
+    calls = []
+
+    class Counting(defenses.Standard):
+        def __call__(self, model, x, y, ids=None):
+            calls.append(1)
+            return super().__call__(model, x, y, ids)
+
+    (tmp_path / "linkout").symlink_to("nowhere/deeper")
+    out_dir = str(tmp_path / "linkout")
+    with pytest.raises(FileNotFoundError, match=rf"^\[Errno \d+\] fit: out_dir={re.escape(repr(out_dir))}: it is "
+                                                r"a link to nowhere/deeper, which does not exist; make that folder "
+                                                r"first$"):
+        fit(DropoutMLP(), Counting(), _data(16), epochs=1, out_dir=out_dir, progress=False)
+    assert not calls and [p.name for p in tmp_path.iterdir()] == ["linkout"]
+
+
 def test_an_out_dir_another_process_is_writing_is_refused_and_a_nested_hold_is_fits_own(tmp_path):
     """Two processes fitting into one out_dir (a requeued job beside the one still running, a script started twice)
     each rewrote the checkpoint and metrics under the other, and both returned as if the folder held their run

@@ -79,11 +79,17 @@ def check_writable(folder):
 NOT_A_FOLDER = "it exists and is not a folder"
 
 
+class OutDirProblem(str):
+    """out_dir_problem's reason, a str; ``errno``: the number of the OSError that refused a write there, else None."""
+    errno = None
+
+
 def out_dir_problem(out_dir, staged=True):
     """Why ``out_dir`` cannot take a command's results, checked before any work (found when the results were written,
     the work was lost); None where it can. The one rule of the CLI's ``--out`` (cli.check_out) and write_results'
     ``out_dir``: :data:`NOT_A_FOLDER` (a file there), ``"<above> is a file, not a folder"`` (it could never be made),
-    ``"cannot write in <folder> (<reason>)"``, a link to a folder that does not exist. ``staged``: the results are
+    ``"cannot write in <folder> (<reason>)"`` (an :class:`OutDirProblem` holding the OSError's errno), a link to a
+    folder that does not exist. ``staged``: the results are
     staged beside ``out_dir`` and moved in (AtomicOutput), so the folder above must take files too; else only
     ``out_dir`` (or, not made yet, the folder it would be made in) must."""
     out = Path(out_dir)
@@ -100,7 +106,9 @@ def out_dir_problem(out_dir, staged=True):
         try:
             check_writable(folder)
         except OSError as err:
-            return f"cannot write in {folder} ({err.strerror or err})"
+            problem = OutDirProblem(f"cannot write in {folder} ({err.strerror or err})")
+            problem.errno = err.errno
+            return problem
     return None
 
 

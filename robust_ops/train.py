@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._files import FolderInUse, check_writable, exclusive_folder, replace_atomically
+from ._files import FolderInUse, exclusive_folder, out_dir_problem, replace_atomically
 from ._options import (MAX_SEED, check_device, check_flags, check_int, check_real, check_seed, check_usable_device,
                        class_labels, counted, listing, python_number, refuse_unused)
 from ._warn import warn_outside
@@ -2268,22 +2268,24 @@ def _non_finite_loss_error(name, defense, loss, own_bad, bad_loss, x, indices, a
 
 
 def _out_dir_write_error(name, out_dir, existing):
-    """The error that process 0 cannot write its files in ``out_dir`` (None where it can): ``existing``, out_dir or
-    the folder it will be made in (None: nothing to check yet), is not writable, or a folder sits where fit writes a
-    file. Checked before training: else the first checkpoint fails, after a whole epoch of training."""
-    write_error = None
-    if existing is not None:
-        try:
-            check_writable(existing)
-        except OSError as err:
-            write_error = OSError(err.errno, f"{name}: out_dir={os.fspath(out_dir)!r}: cannot write in {existing} "
-                                  f"({err.strerror or err}); pass a folder this process can write")
-        folder = next((Path(out_dir) / f for f in (CHECKPOINT_NAME, HISTORY_NAME, METRICS_CSV_NAME)
-                       if (Path(out_dir) / f).is_dir()), None)
-        if write_error is None and folder is not None:  # its replace fails too, naming the temporary file
-            write_error = IsADirectoryError(errno.EISDIR, f"{name}: {folder} is a folder, where fit writes a file; "
-                                            "move it away or pass another out_dir")
-    return write_error
+    """The error that process 0 cannot write its files in ``out_dir`` (None where it can): by the CLI's --out rule
+    (_files.out_dir_problem), ``existing``, out_dir or the folder it will be made in (None: nothing to check yet), is
+    not writable or out_dir is a link to a folder that does not exist (its mkdir failed with a bare 'File exists'), or
+    a folder sits where fit writes a file. Checked before training: else the first checkpoint fails, after a whole
+    epoch of training."""
+    if existing is None:
+        return None
+    problem = out_dir_problem(out_dir, staged=False)
+    if problem is not None:
+        way_on = "; pass a folder this process can write" if problem.startswith("cannot write") else ""
+        return OSError(getattr(problem, "errno", None) or errno.ENOENT,
+                       f"{name}: out_dir={os.fspath(out_dir)!r}: {problem}{way_on}")
+    folder = next((Path(out_dir) / f for f in (CHECKPOINT_NAME, HISTORY_NAME, METRICS_CSV_NAME)
+                   if (Path(out_dir) / f).is_dir()), None)
+    if folder is not None:  # its replace fails too, naming the temporary file
+        return IsADirectoryError(errno.EISDIR, f"{name}: {folder} is a folder, where fit writes a file; move it away "
+                                 "or pass another out_dir")
+    return None
 
 
 def _save_best_model(out_dir, stopper, config, best_weights):
