@@ -46,15 +46,17 @@ tbench = _import_torch_benchmark()
 
 
 def _results_dir():
-    """benchmarks/results/, or $ROBUST_OPS_BENCH_DIR. Checked when a benchmark starts: a file in the way would
-    otherwise only fail when the rows are written, after minutes of timing."""
+    """benchmarks/results/, or $ROBUST_OPS_BENCH_DIR. Checked when a benchmark starts, by the --out rule of the CLI
+    (robust-ops bench checks it so too): a file in the way, a folder that cannot be written or a link to a folder not
+    made yet would otherwise only fail when the rows are written, after minutes of timing."""
+    from robust_ops._files import NOT_A_FOLDER, out_dir_problem
+
     # empty counts as unset, as the library's environment switches (Path("") would be the current folder)
     d = Path(os.environ.get("ROBUST_OPS_BENCH_DIR") or Path(__file__).resolve().parent / "results")
-    blocker = next((p for p in (d, *d.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        where = f"{d}" if blocker == d else f"{d}: {blocker}"
-        raise SystemExit(f"{Path(sys.argv[0]).stem}: $ROBUST_OPS_BENCH_DIR: {where} is a file, not a folder (the "
-                         f"CSVs go there)")
+    problem = out_dir_problem(d, staged=False)  # each CSV is replaced inside the folder
+    if problem:
+        where = f"{d} is a file, not a folder" if problem == NOT_A_FOLDER else f"{d}: {problem}"
+        raise SystemExit(f"{Path(sys.argv[0]).stem}: $ROBUST_OPS_BENCH_DIR: {where} (the CSVs go there)")
     return d
 
 

@@ -2134,6 +2134,53 @@ def test_results_dir_that_is_a_file_stops_a_benchmark_at_start(tmp_path, under):
                                 f"is a file, not a folder (the CSVs go there)")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc, a folder nobody may write (root included)")
+@pytest.mark.parametrize("kind", ["link", "unwritable"])
+def test_results_dir_the_out_rule_refuses_stops_a_benchmark_at_start(tmp_path, kind):
+    """$ROBUST_OPS_BENCH_DIR was checked by a copy of the --out rule that looked for a file in the way only: a link to
+    a folder not made yet, or /proc/x, timed every shape (15 s of bench_boundary_search --quick here, minutes for
+    others) and then stopped 'cannot write .../boundary_search.csv (File exists)' / '(No such file or directory)'.
+    The scripts now check it by _files.out_dir_problem, the CLI's rule, before any timing."""
+    if kind == "link":
+        (tmp_path / "linkout").symlink_to("nowhere/deeper")
+    target, said = {"link": (tmp_path / "linkout", "it is a link to nowhere/deeper, which does not exist; make that "
+                                                   "folder first"),
+                    "unwritable": ("/proc/robust-ops-bench", "cannot write in /proc (")}[kind]
+    env = {**os.environ, "ROBUST_OPS_BENCH_DIR": str(target), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_pgd_step.py"), "--quick"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().startswith(f"bench_pgd_step: $ROBUST_OPS_BENCH_DIR: {target}: {said}"), r.stderr
+    assert r.stderr.strip().endswith("(the CSVs go there)"), r.stderr
+
+
+def test_bench_cli_takes_a_results_dir_whose_parent_it_cannot_write(tmp_path, monkeypatch, capsys):
+    """The scripts replace each CSV inside $ROBUST_OPS_BENCH_DIR, but `robust-ops bench` checked it as a staged --out,
+    so an existing folder in a parent this process cannot write (a shared results folder) was refused there: the CLI
+    checks it as the scripts do."""
+    import errno
+
+    from robust_ops import _files, cli
+
+    (tmp_path / "benches").mkdir()
+    (tmp_path / "benches" / "bench_a.py").write_text(
+        "import os, pathlib\n(pathlib.Path(os.environ['ROBUST_OPS_BENCH_DIR']) / 'a.csv').write_text('ran')\n")
+    (tmp_path / "shared" / "results").mkdir(parents=True)
+    real = _files.check_writable
+
+    def check_writable(folder):
+        if Path(folder) == tmp_path / "shared":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        real(folder)
+
+    monkeypatch.setattr(_files, "check_writable", check_writable)
+    monkeypatch.setenv("ROBUST_OPS_BENCH_DIR", str(tmp_path / "shared" / "results"))
+    rc = cli.main(["bench", "--bench-dir", str(tmp_path / "benches")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert (tmp_path / "shared" / "results" / "a.csv").read_text() == "ran"
+
+
 @pytest.mark.parametrize("variable,message", [
     ("ROBUST_OPS_CPU_ISA", "expected $ROBUST_OPS_CPU_ISA to be avx512, avx2 or scalar, got 'bogus'"),
     ("ROBUST_OPS_CPU_POOL", "expected $ROBUST_OPS_CPU_POOL to be one of 1/true/on/yes (on) or 0/false/off/no (off), "

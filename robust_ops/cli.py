@@ -2556,7 +2556,7 @@ def cmd_bench(args):
     refuse_several_processes("bench", "time its benchmarks while the others compete for the same cores, and write "
                              "the same CSVs")
     # once here, not once per script (each would stop on it at start)
-    check_out(os.environ.get("ROBUST_OPS_BENCH_DIR") or None, "$ROBUST_OPS_BENCH_DIR")
+    check_out(os.environ.get("ROBUST_OPS_BENCH_DIR") or None, "$ROBUST_OPS_BENCH_DIR", staged=False)  # as the scripts
     status = 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                                      os.environ.get("PYTHONPATH")]))}
