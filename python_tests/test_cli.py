@@ -3884,7 +3884,8 @@ def test_demo_resume_blames_train_size_not_quick_for_another_validation_subset(t
     rc, _, err = run(common + ["--train-size", "0", "--resume"], capsys)
     one_line_error(rc, err, f"--train-size: {tmp_path / 'o' / 'runs' / 'standard'} was validated on 10 images, this "
                             "command draws 20 (--train-size 0: the whole validation split; another: at most half the "
-                            "test split); rerun with the --train-size and --data it was made with, or use another --out")
+                            "test split); rerun with the --train-size and --data it was made with, or use another "
+                            "--out")
 
 
 def test_demo_train_seconds_are_the_runs_epochs_also_when_resumed(small_npz, tmp_path, capsys):
