@@ -1889,12 +1889,15 @@ def test_run_protocol_takes_a_protocols_name(tmp_path, capsys):
                                         (dict(lr=float("nan")), "--lr: expected a finite learning rate > 0, got nan"),
                                         (dict(batch_size=0), "--batch-size: expected >= 1, got 0"),
                                         (dict(epochs=0), "--epochs: expected >= 1, got 0"),
-                                        (dict(seeds=-1), "--seeds: expected >= 1, got -1")],
-                         ids=["lr0", "lr_nan", "batch0", "epochs0", "seeds_negative"])
+                                        (dict(seeds=-1), "--seeds: expected >= 1, got -1"),
+                                        (dict(dist_timeout=0), "--dist-timeout: expected a number of seconds > 0 and "
+                                                               "<= 1e+09 (longer ones overflow torch's collective "
+                                                               "deadlines), got 0")],
+                         ids=["lr0", "lr_nan", "batch0", "epochs0", "seeds_negative", "dist_timeout0"])
 def test_run_protocol_checks_its_counts_and_lr_as_the_command_does(tmp_path, capsys, given, said):
     """run_protocol skipped the checks `robust-ops reproduce` makes: lr=0 trained every run at lr 0, epochs=0 trained
-    the protocol's epochs, seeds=-1 was an AttributeError, and batch_size=0 or lr=nan failed inside the first run's
-    fit, its folder made. Each is the command's one-line error, before anything is written."""
+    the protocol's epochs, seeds=-1 was an AttributeError, and batch_size=0, lr=nan or dist_timeout=0 failed inside
+    the first run's fit, its folder made. Each is the command's one-line error, before anything is written."""
     from robust_ops.cli import CLIError
     from robust_ops.reproduce import run_protocol
 

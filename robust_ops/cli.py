@@ -790,15 +790,15 @@ def add_dist_timeout_option(p):
                         "with NCCL")
 
 
-def checked_dist_timeout(args):
-    """``--dist-timeout`` as fit takes it (seconds), refused in one line before any data is loaded."""
+def checked_dist_timeout(seconds):
+    """``--dist-timeout`` (``seconds``) as fit takes it, refused in one line before any data is loaded."""
     from .train import check_dist_timeout
 
     try:
-        check_dist_timeout(args.dist_timeout, "--dist-timeout", None)
+        check_dist_timeout(seconds, "--dist-timeout", None)
     except ValueError as err:
         raise CLIError(str(err)) from None
-    return args.dist_timeout
+    return seconds
 
 
 def add_schedule_options(p):
@@ -1615,7 +1615,7 @@ def cmd_train(args):
     options = parse_key_values(args.defense_opt, "--defense-opt")
     check_data_model_options(args)
     check_schedule_options(args.warmup_epochs, args.early_stopping, args.restore_best)
-    dist_timeout = checked_dist_timeout(args)
+    dist_timeout = checked_dist_timeout(args.dist_timeout)
     try:
         with interrupts_unwrapped():
             _, splits, run, result = train_run(
@@ -2386,7 +2386,7 @@ def cmd_demo(args):
     epochs = args.epochs = 2 if args.quick else 8 if args.epochs is None else args.epochs
     train_size = 256 if args.train_size is None else args.train_size
     check_data_model_options(args)
-    checked_dist_timeout(args)
+    checked_dist_timeout(args.dist_timeout)
     check_count("--train-size", train_size, 0)
     specs, radii = parse_eval_options(args)
     check_out(args.out)
@@ -2619,7 +2619,6 @@ def cmd_reproduce(args):
     out = Path(args.out) if args.out else Path("runs") / "reproduce" / args.name
     check_out(out)
     refuse_train_folder(out, f"reproduce {args.name}")
-    dist_timeout = checked_dist_timeout(args)
     from .evaluate import EvalError
 
     try:
@@ -2628,7 +2627,7 @@ def cmd_reproduce(args):
                          seeds=args.seeds, size=args.size, bit_depth=args.bit_depth, channels=args.channels,
                          classes=args.classes, device=device, progress=not args.no_progress, reevaluate=args.reevaluate,
                          methods=args.methods.split(",") if args.methods is not None else None,
-                         paper_schedule=args.paper_schedule, dist_timeout=dist_timeout, batch_size=args.batch_size,
+                         paper_schedule=args.paper_schedule, dist_timeout=args.dist_timeout, batch_size=args.batch_size,
                          lr=args.lr)
     except EvalError as err:
         raise CLIError(f"{args.name}: {err}") from None
