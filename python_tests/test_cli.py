@@ -1907,6 +1907,28 @@ def test_run_protocol_checks_its_counts_and_lr_as_the_command_does(tmp_path, cap
     assert list(tmp_path.iterdir()) == [] and capsys.readouterr().out == ""
 
 
+def test_run_protocol_checks_its_out_as_the_command_does(tmp_path, capsys):
+    """run_protocol skipped the --out checks of `robust-ops reproduce`: an out that was a file, a link to a folder not
+    made yet or /proc/x ended in a bare OSError ('[Errno 20] Not a directory: .../afile/runs-quick/...', '[Errno 17]
+    File exists'), and a train RUN_DIR took the protocol's results beside its run. Each is the command's error."""
+    from robust_ops.cli import CLIError
+    from robust_ops.reproduce import run_protocol
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "lnk").symlink_to("nowhere/deeper")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")
+    for out, said in ((tmp_path / "afile", f"--out: {tmp_path / 'afile'} exists and is not a folder"),
+                      (tmp_path / "lnk", f"--out: {tmp_path / 'lnk'}: it is a link to nowhere/deeper, which does "
+                                         "not exist; make that folder first"),
+                      (tmp_path / "run", f"--out: {tmp_path / 'run'} holds a training run (run.json: a train --out), "
+                                         "not reproduce's results; choose another --out for reproduce")):
+        with pytest.raises(CLIError, match=f"^{re.escape(said)}$"):
+            run_protocol("arfl-moons", out=out, quick=True, epochs=1, seeds=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "lnk", "run"]
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["run.json"] and capsys.readouterr().out == ""
+
+
 def test_eval_cache_keeps_one_entry_per_key_and_hands_out_copies(tmp_path):
     # --reevaluate puts fresh rows under a key the cache holds: they replace the old entry (kept beside it, the next
     # run's lookup found the stale rows first); run_protocol relabels the rows it gets, which must not reach the

@@ -2617,8 +2617,6 @@ def cmd_reproduce(args):
 
     device = pick_device(args.device)
     out = Path(args.out) if args.out else Path("runs") / "reproduce" / args.name
-    check_out(out)
-    refuse_train_folder(out, f"reproduce {args.name}")
     from .evaluate import EvalError
 
     try:

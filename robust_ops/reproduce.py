@@ -843,9 +843,9 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     by the model's weights, the test set and the attack plan, and reused when all three are unchanged (a resumed
     protocol does not re-attack the finished folds); ``reevaluate=True`` ignores them."""
     from . import defenses, report
-    from .cli import (CLIError, binary_only_error, check_count, check_optimiser_options, checked_dist_timeout,
-                      checkpoint_epochs, data_spec, is_main_process, load_data, resume_conflict, run_record, train_run,
-                      write_results_to_out)
+    from .cli import (CLIError, binary_only_error, check_count, check_optimiser_options, check_out,
+                      checked_dist_timeout, checkpoint_epochs, data_spec, is_main_process, load_data,
+                      refuse_train_folder, resume_conflict, run_record, train_run, write_results_to_out)
     from .evaluate import evaluate
     from .metrics import metric_names
     from .prepacked_conv import prepacked_conv_resolved
@@ -857,7 +857,10 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                              "(a key of PROTOCOLS) or a Protocol")
         protocol = PROTOCOLS[protocol]
     # the command's rules, here so a Python caller meets them too before any run: lr=0 trained every run at lr 0,
-    # epochs=0 trained the protocol's epochs, and batch_size=0, lr=nan or dist_timeout=0 failed in the first run's fit
+    # epochs=0 trained the protocol's epochs, and batch_size=0, lr=nan or dist_timeout=0 failed in the first run's fit;
+    # an out that was a file or a link to nowhere was a bare OSError, a demo's results were replaced
+    check_out(out)
+    refuse_train_folder(out, f"reproduce {protocol.name}")
     check_count("--epochs", epochs)
     check_count("--seeds", seeds)
     check_optimiser_options(batch_size, lr)
