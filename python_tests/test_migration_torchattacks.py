@@ -250,3 +250,20 @@ def test_autoattack_seed_none_is_the_global_rng_as_for_the_attack_classes():
     assert [a.seed for a in attacks.AutoAttack(model).attacks] == [0] * 4
     assert ("`AutoAttack(..., seed=None)`, as torchattacks' `AutoAttack` example and AutoAttack's default write it, "
             "draws from the global RNG, as the attack classes' `seed=None` does") in docs_text()
+
+
+def test_autoattack_seed_left_out_stays_left_out_after_pickle_and_copy():
+    """AutoAttack's default seed (0, left out) is told apart from a seed=0 given by identity: a pickled or copied
+    default (kwargs sent to a spawned process, a deepcopied config) was a new int 0, read as seed=0 given, so a custom
+    list's PGD drew with seed 0 instead of its own default None."""
+    import copy
+    import pickle
+
+    from robust_ops.attacks.ensemble import SEED_LEFT_OUT
+
+    model = make_model(3)
+    for copied in (copy.copy(SEED_LEFT_OUT), copy.deepcopy(SEED_LEFT_OUT), pickle.loads(pickle.dumps(SEED_LEFT_OUT)),
+                   copy.deepcopy({"seed": SEED_LEFT_OUT})["seed"]):
+        assert copied is SEED_LEFT_OUT and copied == 0 and repr(copied) == "0"
+        aa = attacks.AutoAttack(model, eps=8 / 255, attacks=["apgd-ce", "pgd"], steps=3, seed=copied)
+        assert [a.seed for a in aa.attacks] == [0, None]

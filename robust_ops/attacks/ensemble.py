@@ -252,6 +252,10 @@ class _SeedLeftOut(int):
 
     __slots__ = ()
 
+    def __reduce__(self):
+        # the one marker after pickle, copy and deepcopy (a copy was a plain seed 0 given: PGD's None became 0)
+        return "SEED_LEFT_OUT"
+
 
 SEED_LEFT_OUT = _SeedLeftOut(STANDARD["seed"])
 
