@@ -1116,6 +1116,17 @@ def test_arfl_ratio_as_is_an_option_refused_where_the_batch_is_all_one_kind():
     assert ARFL(steps=2)(model, x, y).metric_counts == {}
 
 
+
+def test_arfl_ratio_as_split_rounds_r_times_n_half_up_as_r_is_written():
+    """ratio_as="split" takes round(r * N) samples, r * N rounded half up: r = 0.29 of a batch of 50 is 14.5, 15
+    standard samples; the float product 14.499999999999998 took 14 (so did 0.58 of 25, 0.57 of 50)."""
+    torch.manual_seed(0)
+    model = TinyCNN(1, 2)
+    for r, n, k in ((0.29, 50, 15), (0.58, 25, 15), (0.57, 50, 29), (0.25, 6, 2), (0.5, 1, 1), (0.49, 1, 0)):
+        x, y = torch.rand(n, 1, 8, 8), torch.arange(n) % 2
+        counts = ARFL(ratio_as="split", r=r, steps=1)(model, x, y).metric_counts
+        assert (counts.get("loss_clean", 0), counts.get("loss_adv", 0)) == (k, n - k), (r, n)
+
 def test_options_defaulting_to_none_keep_a_given_falsy_value():
     """DPAAT's guard/reference/syn/momentum and ARFL's adv_sign/attack_objective default to None only to tell "unset"
     from "given": a given 0 or '' is that value, kept or refused as such, never replaced by the default (mutation

@@ -18,6 +18,7 @@ features count as a 1 x D map, [N] features as a 1 x 1 map.
 """
 
 import math
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -235,7 +236,9 @@ class ARFL(PGDDefense):
         the mean of the samples' eq. 2 terms (standard) and eq. 5 adversarial terms. Clean logits for the whole batch
         exist only where k = N."""
         n = x.shape[0]
-        k = min(n, int(math.floor(self.r * n + 0.5)))
+        # r as written (0.29, not the float just below it): 0.29 * 50 is 14.499999999999998 in floats, which took 14
+        # where 14.5 rounded half up is 15
+        k = min(n, math.floor(Fraction(repr(float(self.r))) * n + Fraction(1, 2)))
         parts = [x[:k]]
         if k < n:
             parts.append(self._adversarial(model, x[k:], y[k:], sign))  # before the training forward, as above
