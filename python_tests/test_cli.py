@@ -1929,6 +1929,26 @@ def test_run_protocol_checks_its_out_as_the_command_does(tmp_path, capsys):
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["run.json"] and capsys.readouterr().out == ""
 
 
+
+@pytest.mark.parametrize("given", [dict(epochs=1.5), dict(epochs=True), dict(epochs="2"), dict(seeds=1.0),
+                                   dict(batch_size=True), dict(lr=True), dict(lr="0.1")],
+                         ids=["epochs_float", "epochs_bool", "epochs_str", "seeds_float", "batch_bool", "lr_bool",
+                              "lr_str"])
+def test_run_protocol_refuses_a_count_that_is_no_integer_before_any_run(tmp_path, capsys, given):
+    """The command's counts are argparse ints; a Python caller's epochs=1.5 was refused only in the first run's fit,
+    after its run.json recorded epochs 1.5 (every later run in out then refused it as damaged), epochs=True trained 1
+    epoch, and epochs="2" or seeds=1.0 were bare TypeErrors (lr=True and lr="0.1" likewise). Each is one line naming
+    the argument, nothing written."""
+    from robust_ops.reproduce import run_protocol
+
+    (arg, value), = given.items()
+    options = dict(epochs=1, seeds=1) | given
+    kind = "a number > 0" if arg == "lr" else "an integer >= 1"
+    with pytest.raises(ValueError, match=f"^run_protocol: expected {arg} to be {kind} or None, got "
+                                         f"{re.escape(repr(value))}$"):
+        run_protocol("arfl-moons", out=tmp_path / "r", quick=True, progress=False, **options)
+    assert list(tmp_path.iterdir()) == [] and capsys.readouterr().out == ""
+
 def test_eval_cache_keeps_one_entry_per_key_and_hands_out_copies(tmp_path):
     # --reevaluate puts fresh rows under a key the cache holds: they replace the old entry (kept beside it, the next
     # run's lookup found the stale rows first); run_protocol relabels the rows it gets, which must not reach the

@@ -10,6 +10,7 @@ pipeline end to end; its numbers mean nothing.
 import functools
 import json
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -859,6 +860,13 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     # the command's rules, here so a Python caller meets them too before any run: lr=0 trained every run at lr 0,
     # epochs=0 trained the protocol's epochs, and batch_size=0, lr=nan or dist_timeout=0 failed in the first run's fit;
     # an out that was a file or a link to nowhere was a bare OSError, a demo's results were replaced
+    for arg, value in (("epochs", epochs), ("seeds", seeds), ("batch_size", batch_size)):
+        # their types before the command's ranges (an int from the command): epochs=1.5 wrote run.json's epochs 1.5,
+        # refused then as damaged by every later run in out, epochs=True ran 1 epoch, "2" and seeds=1.0 were TypeErrors
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise ValueError(f"run_protocol: expected {arg} to be an integer >= 1 or None, got {value!r}")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, numbers.Real)):  # lr=True: run.json's lr true
+        raise ValueError(f"run_protocol: expected lr to be a number > 0 or None, got {lr!r}")
     check_out(out)
     refuse_train_folder(out, f"reproduce {protocol.name}")
     check_count("--epochs", epochs)
