@@ -90,6 +90,9 @@ def test_a_windows_export_trains_and_evaluates_with_each_image_under_its_label_o
     # was told to put the files under the folder, which holds them (found by the data5 helper)
     ("case", [f"{N} image(s) listed but not found under", "; Images\\CASE000.PNG is images/case000.png in other case "
               "-- write the ids as the files are named: their folders and names are matched in case"]),
+    # written from the CSV's folder (.\\Images\\...): told to put the files under it again (found by the revB helper)
+    ("case_dot", [f"{N} image(s) listed but not found under", "; .\\Images\\CASE000.PNG is images/case000.png in "
+                  "other case -- write the ids as the files are named: their folders and names are matched in case"]),
     ("cp1252", ["not UTF-8 text (", "); save it as UTF-8"]),
     # named as UTF-16: "(invalid start byte at byte 0)" named no encoding to change (found by the data5 helper)
     ("utf16", ["not UTF-8 text (UTF-16, as Excel's \"Unicode Text\" saves it, tab-separated); save it as UTF-8, "
@@ -116,6 +119,9 @@ def test_an_export_that_cannot_be_read_is_one_line_naming_the_file_and_the_fix(d
     elif variant == "case":  # typed by hand: the folder and a name in other case
         _write(path, ["image_id", "dx"], [(i.replace("images", "Images").replace("case000.png", "CASE000.PNG"), lab)
                                           for i, lab in rows])
+    elif variant == "case_dot":
+        _write(path, ["image_id", "dx"], [(".\\" + i.replace("images", "Images").replace("case000.png", "CASE000.PNG"),
+                                           lab) for i, lab in rows])
     elif variant == "cp1252":  # Excel's "CSV" in the machine's ANSI code page
         _write(path, ["image_id", "dx"], [(i, "B\u00e9nin") for i, _ in rows], encoding="cp1252", bom=False)
     elif variant == "utf16":  # Excel's "Unicode Text"

@@ -15,7 +15,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -304,7 +304,7 @@ def _path_in_other_case(root, rel):
     """The file under ``root`` that the relative path ``rel`` names in other case (Images/CASE000.PNG for
     images/case000.png), as a path relative to ``root``, or None: each folder and the name compared casefolded."""
     here = root
-    for part in rel.split("/"):
+    for part in PurePosixPath(rel).parts:  # ./Images/a.png and Images//a.png as read: "." and "" are no names
         try:
             same = sorted(q for q in here.iterdir() if q.name.casefold() == part.casefold())
         except OSError:
