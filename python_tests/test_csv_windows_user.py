@@ -209,6 +209,32 @@ def test_a_csv_saved_under_another_name_is_told_the_rename(data, tmp_path, capsy
     assert not (tmp_path / "run").exists()
 
 
+
+def test_a_run_trained_on_rows_mixing_slashes_and_backslashes_evaluates_on_its_unchanged_csv(data, tmp_path, capsys):
+    """A run trained before ids' "\\" were read as "/" recorded the digest of its ids as written; where the rows mix
+    the two (images/case000.png on some, images\\case001.png on others) that digest is neither the "/" one nor the
+    all-"\\" one, so eval and --resume refused the run's own unchanged CSV as "holds other images, names or row order"
+    (found by the revB helper). The ids as written are recorded too where they mix; other rows are still refused."""
+    from robust_ops.data.folders import _samples_digest
+
+    rows = [(i.replace("\\", "/") if k % 2 else i, lab) for k, (i, lab) in enumerate(_windows_rows())]
+    csv_path = _write(data / "labels.csv", ["image_id", "dx"], rows)
+    out = tmp_path / "run"
+    train = ["train", "--data", csv_path, "--size", "8", "--channels", "1", "--model", "mlp", "--no-progress",
+             "--device", "cpu", "--out", out]
+    assert run(train + ["--epochs", "1"], capsys)[0] == 0
+    doc = json.loads((out / "run.json").read_text())
+    # the digest before 2026-12-07: the ids and labels as read, the ids' separators as written
+    doc["dataset"]["samples_digest"] = _samples_digest((i, lab.strip()) for i, lab in rows)
+    (out / "run.json").write_text(json.dumps(doc))
+    attack = ["--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu", "--out", tmp_path / "e"]
+    rc, _, err = run(["eval", out, *attack], capsys)
+    assert rc == 0, err
+    assert run(train + ["--epochs", "2", "--resume"], capsys)[0] == 0
+    _write(csv_path, ["image_id", "dx"], rows[1:] + rows[:1])
+    rc, _, err = run(["eval", out, *attack], capsys)
+    assert rc == 2 and "holds other images, names or row order than when the run was trained" in err, err
+
 def test_ids_saved_with_slashes_instead_of_backslashes_are_the_runs_own_data(data, tmp_path, capsys):
     """The image list's fingerprint hashed ids as written, so a run's own CSV saved again with images/case000.png for
     images\\case000.png (the same files, in the same order) was refused by eval as "holds other images, names or row

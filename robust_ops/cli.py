@@ -1039,6 +1039,14 @@ def read_run_file(path):
     return run
 
 
+def earlier_samples_digests(dataset):
+    """The image-list digests a run trained before ids' "\\" were read as "/" recorded for the same CSV (``dataset``:
+    the load's ``info.extra`` or run.json's ``dataset``): the ids as written with "\\", or as written where rows mix
+    "/" and "\\" (refused until 2026-12-07: neither the "/" nor the all-"\\" digest was theirs)."""
+    dataset = dataset or {}
+    return {dataset[k] for k in ("samples_digest_backslashed", "samples_digest_as_written") if dataset.get(k)}
+
+
 def resume_conflict(out, run):
     """Why RUN_DIR ``out`` cannot be resumed as ``run`` (a run_record): ``(key, old value, new value)`` for a
     setting its weights depend on, ``("epochs", epochs done, run's epochs)`` when it trained for more epochs;
@@ -1099,7 +1107,7 @@ def resume_conflict(out, run):
                        # as many images, others (an .npz replaced in place): fit refused them at the run's turn
                        ("train_data_sha256", lambda r: r.get("train_data_sha256"))):
         was, now = value(old), value(run)
-        if key == "samples_digest" and was == (run.get("dataset") or {}).get("samples_digest_backslashed"):
+        if key == "samples_digest" and isinstance(was, str) and was in earlier_samples_digests(run.get("dataset")):
             continue  # recorded before ids' "\\" were read as "/": as written
         if was is not None and now is not None and was != now:
             return key, was, now
@@ -1844,8 +1852,8 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
     now = splits.info.extra.get("samples_digest")
     # same counts, other order, names or labels (a run trained before ids' "\\" were read as "/" recorded them as
     # written: that digest too)
-    as_written = splits.info.extra.get("samples_digest_backslashed")
-    if same_data and was and now is not None and was not in (now, as_written):
+    if same_data and was and now is not None and was != now and not (
+            isinstance(was, str) and was in earlier_samples_digests(splits.info.extra)):
         raise CLIError(f"{flag}: {data} holds other images, names or row order than when the run was trained (same "
                        "class counts); its split would differ and could test on training images -- restore the data "
                        "or train again")

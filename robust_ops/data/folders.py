@@ -916,6 +916,9 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
                # and --resume accept too
                **({"samples_digest_backslashed": digest(lambda image_id: image_id.replace("/", "\\"))}
                   if any("/" in i or "\\" in i for i, _ in kept) else {}),
+               # ids mixing both (images/a.png on one row, images\\b.png on another): as written, neither of those
+               **({"samples_digest_as_written": digest(str)}
+                  if any("/" in i for i, _ in kept) and any("\\" in i for i, _ in kept) else {}),
                **_bit_depth_record(bit_depth),
                **({"split_by": group_column} if group_column else {})},  # image splits: records as before
     )
