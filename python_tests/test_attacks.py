@@ -3039,6 +3039,53 @@ def test_apgd_t_and_white_noise_refuse_a_targeted_argument_by_name():
             getattr(attacks, name)(model, x, y, eps=0.1, foo=1)
 
 
+def test_other_libraries_option_names_are_refused_naming_the_option_here_by_classes_and_functions():
+    """pgd, fgsm, cw_linf, run_pgd(..., step_size=) and advertorch's / ART's / AutoAttack's names (nb_iter, eps_iter,
+    max_iter, n_iter, rand_init, epsilon, ...) were Python's bare "got an unexpected keyword argument", where the
+    classes named the defenses' step_size only: classes and functions name the option here now, from one table; a
+    valid call runs as before (found by the attacks7 helper)."""
+    model = make_model(3)
+    x, y = make_data(2, 3)
+    step = r"\(step_size: the step is called alpha here, step_size in the defenses\)$"
+    for fn in (attacks.pgd, attacks.ifgsm, attacks.cw_linf):
+        with pytest.raises(TypeError, match=rf"^{fn.__name__}: unknown option 'step_size'; it takes eps, alpha, .*"
+                                            + step):
+            fn(model, x, y, eps=0.1, step_size=0.01)
+    with pytest.raises(TypeError, match=r"^run_pgd: unknown option 'step_size'; it takes eps, alpha, steps, .*" + step):
+        run_pgd(model, x, y, eps=0.1, steps=1, step_size=0.01)
+    expected = [(attacks.pgd, "nb_iter", "the number of steps is called steps here, nb_iter in advertorch's and "
+                                         "cleverhans'"),
+                (attacks.pgd, "eps_iter", "the step is called alpha here, eps_iter in advertorch's and cleverhans'"),
+                (attacks.pgd, "rand_init", "the random start is called random_start here, rand_init in advertorch's "
+                                           "and cleverhans'"),
+                (attacks.apgd, "n_iter", "the number of steps is called steps here, n_iter in AutoAttack's"),
+                (attacks.square, "max_iter", "the number of steps is called n_queries here, max_iter in ART's"),
+                (attacks.white_noise, "num_steps", "the number of steps is called trials here, num_steps in TRADES' "
+                                                   "and MART's code's"),
+                (attacks.fab_t, "epsilon", "the radius is called eps here, epsilon in TRADES' and MART's code's")]
+    for fn, option, hint in expected:
+        options = {"eps": 0.1, option: 1} if option != "epsilon" else {option: 0.1}
+        with pytest.raises(TypeError, match=rf"^{fn.__name__}: unknown option '{option}'; it takes .*\({option}: "
+                                            rf"{re.escape(hint)}\)$"):
+            fn(model, x, y, **options)
+    cls_hint = r"\(nb_iter: the number of steps is called steps here, nb_iter in advertorch's and cleverhans'\)$"
+    for cls in (attacks.PGD, attacks.APGD, attacks.AutoAttack):
+        with pytest.raises(ValueError, match=rf"^{cls.__name__}: unknown option 'nb_iter'; it takes .*{cls_hint}"):
+            cls(model, nb_iter=10)
+    with pytest.raises(ValueError, match=r"^attacks.build: square: unknown option 'nb_iter'; .*\(nb_iter: the number "
+                                         r"of steps is called n_queries here, "):
+        attacks.build("square", model, nb_iter=10)
+    # no counterpart: the class lists its options, the function is Python's own error, as before
+    with pytest.raises(ValueError, match=r"^FGSM: unknown option 'eps_iter'; it takes [^()]*$"):
+        attacks.FGSM(model, eps_iter=0.01)
+    with pytest.raises(TypeError, match=r"^fgsm\(\) got an unexpected keyword argument 'step_size'$"):
+        attacks.fgsm(model, x, y, eps=0.1, step_size=0.01)
+    # valid calls are unchanged (the decorated function is the same function)
+    assert torch.equal(attacks.pgd(model, x, y, eps=0.1, alpha=0.02, steps=2, random_start=False),
+                       run_pgd(model, x, y, eps=0.1, alpha=0.02, steps=2).x_adv)
+    assert inspect.signature(attacks.pgd) == inspect.signature(attacks.pgd.__wrapped__)
+
+
 @pytest.mark.parametrize("cls,options", [("APGDT", {"steps": 3, "n_target_classes": 2}),
                                          ("FABT", {"steps": 3, "n_target_classes": 2}), ("FAB", {"steps": 3}),
                                          ("WhiteNoise", {"trials": 2, "seed": 0}),

@@ -43,10 +43,11 @@ def accepted_options(cls, skip=("self", "model")):
     return list(option_defaults(cls, skip))
 
 
-def check_options(owner, cls, options, hints=None):
-    """ValueError naming every option of ``options`` that ``cls`` does not take, and the ones it does; ``hints``
-    ({option: what to do instead}) adds the way for options known from another library (torchattacks' names)."""
-    accepted = accepted_options(cls)
+def check_options(owner, cls, options, hints=None, accepted=None, error=ValueError):
+    """ValueError (``error``) naming every option of ``options`` that ``cls`` does not take (or not in ``accepted``,
+    a function's options), and the ones it does; ``hints`` ({option: what to do instead}) adds the way for options
+    known from another library (torchattacks' names)."""
+    accepted = accepted_options(cls) if accepted is None else accepted
     unknown = [k for k in options if k not in accepted]
     if unknown:
         takes = f"it takes {', '.join(accepted)}" if accepted else "it takes no options"
@@ -55,7 +56,7 @@ def check_options(owner, cls, options, hints=None):
             if hints and k in hints:
                 grouped.setdefault(hints[k], []).append(k)
         known = [f"{', '.join(keys)}: {hint}" for hint, keys in grouped.items()]
-        raise ValueError(f"{owner}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+        raise error(f"{owner}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
                          f"{takes}" + (f" ({'; '.join(known)})" if known else ""))
 
 

@@ -26,7 +26,8 @@ from .base import N_CLASSES_HINT, Attack, norm_first_hint, refuse_positional_opt
 from .context import (InputGradScale, attack_context, best_other_logit, check_gradients_possible, check_inputs,
                       float32_or_wider, is_single_logit, predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_budget, check_linf_budget, check_linf_step_resolution, check_norm, check_steps,
-                   clean_logits, finite_direction, forward, per_sample, project_l1, refuse_targeted, runner_up_targets)
+                   clean_logits, finite_direction, forward, names_foreign_options, per_sample, project_l1,
+                   refuse_targeted, runner_up_targets)
 from .pgd import make_generator
 
 APGD_LOSSES = ("ce", "dlr", "cw")
@@ -367,6 +368,7 @@ def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_m
     return y, norm, steps, n_restarts, eps_t, eot_iter, y_range
 
 
+@names_foreign_options
 def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False, n_restarts=1, rho=0.75,
          eot_iter=1, use_largereps=False, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
     r"""Auto-PGD (Croce & Hein 2020), untargeted or targeted, Linf, L2 or L1 (Croce & Hein 2021's L1-APGD).
@@ -434,6 +436,7 @@ def _apgd(name, model, x, y, *, eps, norm, steps, loss, targeted, n_restarts, rh
     return x_adv
 
 
+@names_foreign_options
 def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss="dlr", n_restarts=1, rho=0.75,
            eot_iter=1, use_largereps=False, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None, **options):
     r"""APGD-T, AutoAttack's targeted APGD: for each of the ``n_target_classes`` classes with the highest clean

@@ -9,7 +9,7 @@ import torch
 from .._options import accepted_options, check_flags, check_options, check_real
 from .context import (_NO_LABELS, MODEL_MODES, attack_context, check_class_labels, check_inputs, check_model,
                       is_single_logit, two_logits)
-from .core import NORMS, check_labels_against, forward, labels_made_by
+from .core import NORMS, check_labels_against, foreign_name_hints, forward, labels_made_by
 
 
 # ids of the attacks whose forward runs in this thread, innermost last: their forward's labels are already targets
@@ -47,19 +47,11 @@ def norm_first_hint(cls_name):
 N_CLASSES_HINT = "torchattacks' n_classes=K is n_target_classes=K - 1 here"
 
 
-
-# the defenses' name for the attack's step (AT(step_size=...)), given to an attack class that calls it alpha
-STEP_SIZE_HINT = "the step is called alpha here, step_size in the defenses"
-
-
 def option_hints(cls):
-    """The ways check_options names for options ``cls`` does not take: torchattacks' (``_FOREIGN_OPTIONS``), and for
-    a class with a step ``alpha`` the defenses' ``step_size`` (PGD(model, step_size=0.01) listed the options
-    only)."""
-    hints = dict(getattr(cls, "_FOREIGN_OPTIONS", None) or {})
-    if "alpha" in accepted_options(cls):
-        hints.setdefault("step_size", STEP_SIZE_HINT)
-    return hints
+    """The ways check_options names for options ``cls`` does not take: torchattacks' (``_FOREIGN_OPTIONS``), and the
+    other libraries' names of its options (core.FOREIGN_NAMES: the defenses' step_size for a class with a step
+    ``alpha``, advertorch's nb_iter for one with ``steps``, ...; PGD(model, step_size=0.01) listed the options only)."""
+    return {**foreign_name_hints(accepted_options(cls)), **(getattr(cls, "_FOREIGN_OPTIONS", None) or {})}
 
 
 class _NotHere:

@@ -8,6 +8,8 @@ zeroing their per-sample step size, so the fused step leaves them in place.
 """
 
 import contextlib
+import functools
+import inspect
 import math
 import numbers
 import struct
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _backend, functional
-from .._options import check_flags, check_int, check_real, fits_a_float, refuse_unused
+from .._options import check_flags, check_int, check_options, check_real, fits_a_float, refuse_unused
 from .context import (
     InputGradScale,
     NonFiniteOutputError,
@@ -45,6 +47,58 @@ NORMS = ("linf", "l2")
 # APGD, APGD-T (Croce & Hein 2021's L1-APGD), FAB, FAB-T and AutoAttack also take L1; every other attack refuses it
 NORMS_WITH_L1 = NORMS + ("l1",)
 LOSSES = ("ce", "cw")
+
+# Other libraries' names for the attack options (advertorch's and cleverhans' PGD(eps_iter, nb_iter, rand_init), ART's
+# ProjectedGradientDescent(eps_step, max_iter), foolbox's epsilons and abs_stepsize, AutoAttack's APGD n_iter,
+# TRADES' and MART's reference code's epsilon, step_size and num_steps; step_size is also the defenses' name):
+# {foreign name: (what it is, the names here it may be, in order, the library it comes from)}. One table for the
+# attack classes (option_hints) and the functions (names_foreign_options): both refused them without the name here.
+FOREIGN_NAMES = {
+    "step_size": ("the step", ("alpha",), "the defenses'"),
+    "eps_iter": ("the step", ("alpha",), "advertorch's and cleverhans'"),
+    "eps_step": ("the step", ("alpha",), "ART's"),
+    "abs_stepsize": ("the step", ("alpha",), "foolbox's"),
+    "nb_iter": ("the number of steps", ("steps", "n_queries", "trials"), "advertorch's and cleverhans'"),
+    "max_iter": ("the number of steps", ("steps", "n_queries", "trials"), "ART's"),
+    "num_steps": ("the number of steps", ("steps", "n_queries", "trials"), "TRADES' and MART's code's"),
+    "n_iter": ("the number of steps", ("steps", "n_queries", "trials"), "AutoAttack's"),
+    "rand_init": ("the random start", ("random_start",), "advertorch's and cleverhans'"),
+    "epsilon": ("the radius", ("eps",), "TRADES' and MART's code's"),
+    "epsilons": ("the radius", ("eps",), "foolbox's"),
+}
+# step_size keeps the wording it had before the table (docs/defenses/index.md quotes it)
+STEP_SIZE_HINT = "the step is called alpha here, step_size in the defenses"
+
+
+def foreign_name_hints(accepted):
+    """{foreign name: hint} for the ``FOREIGN_NAMES`` that name an option in ``accepted`` (an attack's options): a
+    name with no counterpart there (APGD's step, FGSM's steps) gets none, and is listed as unknown only."""
+    hints = {}
+    for foreign, (what, ours, library) in FOREIGN_NAMES.items():
+        here = next((name for name in ours if name in accepted), None)
+        if here is not None and foreign not in accepted:
+            hints[foreign] = (STEP_SIZE_HINT if foreign == "step_size" and here == "alpha"
+                              else f"{what} is called {here} here, {foreign} in {library}")
+    return hints
+
+
+def names_foreign_options(fn):
+    """Decorator of an attack function: a keyword of ``FOREIGN_NAMES`` that ``fn`` does not take (pgd(...,
+    step_size=0.01)) is refused as the classes refuse it, naming the option here, where it met Python's bare "got an
+    unexpected keyword argument 'step_size'" (a TypeError still); other calls run ``fn`` unchanged."""
+    params = inspect.signature(fn).parameters
+    accepted = [p.name for p in params.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and p.name not in ("model", "x", "y", "name")]
+    hints = foreign_name_hints(accepted)
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        if any(k in hints for k in kwargs):
+            check_options(fn.__name__, None, {k: v for k, v in kwargs.items() if k not in params}, hints,
+                          accepted=accepted, error=TypeError)
+        return fn(*args, **kwargs)
+
+    return checked
 
 
 @dataclass
@@ -652,6 +706,7 @@ def succeeded(out, y, targeted):
 # The core
 
 
+@names_foreign_options
 def run_pgd(
     model,
     x,

@@ -24,7 +24,7 @@ from .base import Attack, norm_first_hint, refuse_positional_options
 from .context import (attack_context, check_gradients_possible, check_inputs, check_not_half, is_single_logit,
                       predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_budget, check_linf_budget, check_norm, check_steps, clean_logits,
-                   finite_direction, forward, per_sample, refuse_targeted, runner_up_targets,
+                   finite_direction, forward, names_foreign_options, per_sample, refuse_targeted, runner_up_targets,
                    sum_at_any_thread_count)
 from .pgd import make_generator
 
@@ -358,6 +358,7 @@ def _check_fab_args(name, x, y, eps, norm, steps, n_restarts, alpha_max, eta, be
     return y, norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta, eps_t
 
 
+@names_foreign_options
 def fab(model, x, y, *, eps, norm="linf", steps=100, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9,
         targeted=False, n_target_classes=9, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
     r"""FAB (Croce & Hein 2020), untargeted or FAB-T, Linf, L2 or L1: a minimal-norm attack, reported within ``eps``.
@@ -430,6 +431,7 @@ def _fab(name, model, x, y, *, eps, norm, steps, n_restarts, alpha_max, eta, bet
     return x_adv
 
 
+@names_foreign_options
 def fab_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, n_restarts=1, alpha_max=0.1, eta=1.05,
           beta=0.9, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None, **options):
     """FAB-T, AutoAttack's targeted FAB: :func:`fab` with ``targeted=True`` (y are true labels); its errors name

@@ -5,7 +5,7 @@ import torch
 from .._options import check_seed
 from .base import Attack, refuse_positional_options
 from .core import (FIRST_FORWARD, check_budget, check_labels_against, check_linf_budget, check_norm, check_number,
-                   check_steps, forward, per_sample, refuse_targeted)
+                   check_steps, forward, names_foreign_options, per_sample, refuse_targeted)
 from .context import attack_context, check_inputs, predict_from_output
 from .pgd import make_generator
 
@@ -45,6 +45,7 @@ def uniform_ball(shape, eps, norm, *, generator=None, device=None, dtype=torch.f
 
 
 @torch.no_grad()
+@names_foreign_options
 def white_noise(model, x, y, *, eps, norm="linf", trials=10, clip_min=0.0, clip_max=1.0, model_mode="eval",
                 generator=None, **options):
     r"""Uniform white-noise attack (the IMA paper's evaluation): ``trials`` draws of noise uniform in the Linf or L2

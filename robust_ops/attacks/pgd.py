@@ -11,7 +11,7 @@ import torch
 from .._options import check_flags, check_seed, fits_a_float
 from .base import Attack, refuse_positional_options
 from .core import (check_budget, check_draws, check_early_stop, check_kappa, check_loss, check_norm, check_step_moves,
-                   check_steps, run_pgd)
+                   check_steps, names_foreign_options, run_pgd)
 
 
 def default_alpha(name, eps, steps, factor, x):
@@ -36,6 +36,7 @@ def make_generator(seed, x, name="attack"):
     return torch.Generator(device=x.device if torch.is_tensor(x) else "cpu").manual_seed(int(seed))
 
 
+@names_foreign_options
 def fgsm(model, x, y, *, eps, norm="linf", loss="ce", targeted=False, clip_min=0.0, clip_max=1.0,
          model_mode="eval"):
     r"""Fast gradient sign method (Goodfellow et al. 2015, arXiv:1412.6572): ``x + eps * sign(grad)``, clipped;
@@ -59,6 +60,7 @@ def fgsm(model, x, y, *, eps, norm="linf", loss="ce", targeted=False, clip_min=0
                    clip_min=clip_min, clip_max=clip_max, model_mode=model_mode, name="fgsm").x_adv
 
 
+@names_foreign_options
 def pgd(model, x, y, *, eps, alpha=None, steps=10, norm="linf", random_start=True, loss="ce", targeted=False,
         kappa=0.0, emit=None, early_stop=False, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
     r"""Projected gradient descent (Madry et al. 2018, arXiv:1706.06083), Linf or L2.
@@ -103,6 +105,7 @@ def _pgd(name, model, x, y, *, eps, alpha, steps, norm, random_start, loss, targ
     return (res.x_adv, res.iterates) if emit is not None else res.x_adv
 
 
+@names_foreign_options
 def ifgsm(model, x, y, *, eps, alpha=None, steps=10, norm="linf", loss="ce", targeted=False, emit=None,
           clip_min=0.0, clip_max=1.0, model_mode="eval"):
     r"""Iterative FGSM / BIM (Kurakin et al. 2017, arXiv:1607.02533): PGD without random start.
@@ -131,6 +134,7 @@ def ifgsm(model, x, y, *, eps, alpha=None, steps=10, norm="linf", loss="ce", tar
 bim = ifgsm
 
 
+@names_foreign_options
 def cw_linf(model, x, y, *, eps, alpha=None, steps=10, kappa=0.0, random_start=False, targeted=False, emit=None,
             early_stop=False, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
     r"""Carlini-Wagner Linf attack as PGD on the CW margin loss (Carlini & Wagner 2017, arXiv:1608.04644; the

@@ -12,7 +12,8 @@ from .base import Attack, norm_first_hint, refuse_positional_options
 from .context import (attack_context, best_other_logit, check_inputs, check_not_half, classification_loss,
                       is_single_logit, two_logits)
 from .core import (FIRST_FORWARD, check_budget, check_labels_against, check_linf_budget, check_linf_step_resolution,
-                   check_norm, check_steps, forward, per_sample, succeeded, sum_at_any_thread_count)
+                   check_norm, check_steps, forward, names_foreign_options, per_sample, succeeded,
+                   sum_at_any_thread_count)
 from .pgd import make_generator
 
 
@@ -198,6 +199,7 @@ def _l2_proposal(x_cur, x_best_cur, eps_cur, window, clip_min, clip_max, generat
 
 
 @torch.no_grad()
+@names_foreign_options
 def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targeted=False, clip_min=0.0, clip_max=1.0,
            model_mode="eval", generator=None, resample_unchanged=None, rescale_schedule=True, loss="margin"):
     r"""Square Attack: random search over square-shaped updates (black-box: only model outputs are used, no
