@@ -2286,6 +2286,28 @@ def test_the_attacks_alpha_given_to_a_defense_and_step_size_to_an_attack_name_th
         attacks.APGD(model, step_size=0.01)
 
 
+def test_trades_and_advertorch_option_names_given_to_a_defense_name_the_option_here():
+    """TRADES' and MART's reference code's epsilon / perturb_steps / num_steps and advertorch's nb_iter / eps_iter /
+    rand_init given to a defense listed its options only (trades: unknown options 'epsilon', 'num_steps'; it takes
+    ...): they name the defense's option now, from the attacks' table, the step as step_size (SAT's, MIRST's and
+    DPAAT's alpha is their loss weight, not the step) (found by the attacks7 helper)."""
+    with pytest.raises(ValueError, match=r"^trades: unknown options 'epsilon', 'perturb_steps'; it takes .* \(epsilon: "
+                                         r"the radius is called eps here, epsilon in TRADES' and MART's code's; "
+                                         r"perturb_steps: the number of steps is called steps here, perturb_steps in "
+                                         r"TRADES' and MART's code's\)$"):
+        defenses.build("trades", epsilon=0.031, perturb_steps=10, step_size=0.007)
+    for name in ("at", "mart", "mirst", "sat", "dpaat"):
+        with pytest.raises(ValueError, match=rf"^{name}: unknown option 'eps_iter'; .*\(eps_iter: the step is called "
+                                             r"step_size here, eps_iter in advertorch's and cleverhans'\)$"):
+            defenses.build(name, eps_iter=0.01)
+    with pytest.raises(ValueError, match=r"^AT: unknown options 'nb_iter', 'rand_init'; .*\(nb_iter: the number of "
+                                         r"steps is called steps here, .*; rand_init: the random start is called "
+                                         r"random_start here, rand_init in advertorch's and cleverhans'\)$"):
+        defenses.AT(nb_iter=10, rand_init=True)
+    with pytest.raises(ValueError, match=r"^ima: unknown option 'epsilon'; it takes [^()]*$"):  # no eps to name
+        defenses.build("ima", epsilon=0.3)
+
+
 @pytest.mark.parametrize("name", ["amat", "dpaat"])
 def test_amat_and_dpaat_name_an_eps_that_is_not_a_number(name):
     """Their step default eps / 2 was computed before eps was checked: eps="0.3" (a --defense-opt typo) failed as

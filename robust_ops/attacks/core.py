@@ -50,17 +50,20 @@ LOSSES = ("ce", "cw")
 
 # Other libraries' names for the attack options (advertorch's and cleverhans' PGD(eps_iter, nb_iter, rand_init), ART's
 # ProjectedGradientDescent(eps_step, max_iter), foolbox's epsilons and abs_stepsize, AutoAttack's APGD n_iter,
-# TRADES' and MART's reference code's epsilon, step_size and num_steps; step_size is also the defenses' name):
-# {foreign name: (what it is, the names here it may be, in order, the library it comes from)}. One table for the
-# attack classes (option_hints) and the functions (names_foreign_options): both refused them without the name here.
+# TRADES' and MART's reference code's epsilon, step_size, perturb_steps and num_steps; step_size is also the
+# defenses' name): {foreign name: (what it is, the names here it may be, in order, the library it comes from)}. One
+# table for the attack classes (option_hints), the functions (names_foreign_options) and the defenses
+# (defenses._common.option_hints): all refused them without the name here.
+STEP_NAMES = ("step_size", "alpha")  # the defenses' first: SAT's, MIRST's and DPAAT's alpha is a loss weight
 FOREIGN_NAMES = {
-    "step_size": ("the step", ("alpha",), "the defenses'"),
-    "eps_iter": ("the step", ("alpha",), "advertorch's and cleverhans'"),
-    "eps_step": ("the step", ("alpha",), "ART's"),
-    "abs_stepsize": ("the step", ("alpha",), "foolbox's"),
+    "step_size": ("the step", STEP_NAMES, "the defenses'"),
+    "eps_iter": ("the step", STEP_NAMES, "advertorch's and cleverhans'"),
+    "eps_step": ("the step", STEP_NAMES, "ART's"),
+    "abs_stepsize": ("the step", STEP_NAMES, "foolbox's"),
     "nb_iter": ("the number of steps", ("steps", "n_queries", "trials"), "advertorch's and cleverhans'"),
     "max_iter": ("the number of steps", ("steps", "n_queries", "trials"), "ART's"),
     "num_steps": ("the number of steps", ("steps", "n_queries", "trials"), "TRADES' and MART's code's"),
+    "perturb_steps": ("the number of steps", ("steps", "n_queries", "trials"), "TRADES' and MART's code's"),
     "n_iter": ("the number of steps", ("steps", "n_queries", "trials"), "AutoAttack's"),
     "rand_init": ("the random start", ("random_start",), "advertorch's and cleverhans'"),
     "epsilon": ("the radius", ("eps",), "TRADES' and MART's code's"),

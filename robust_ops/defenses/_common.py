@@ -102,11 +102,16 @@ ALPHA_HINT = "the attack's step is called step_size here, alpha in the attacks"
 def option_hints(cls):
     """The ways check_options names for options ``cls`` does not take: for a defense with a ``step_size`` and no
     ``alpha`` of its own (SAT's, MIRST's and DPAAT's alpha is a loss weight), the attacks' ``alpha``
-    (AT(alpha=0.01) listed the options only). None where there is none."""
+    (AT(alpha=0.01) listed the options only), and the other libraries' names of its options (attacks.core's
+    FOREIGN_NAMES: TRADES' code's epsilon and perturb_steps, advertorch's nb_iter, ...). None where there is none."""
     from .._options import accepted_options
+    from ..attacks.core import foreign_name_hints
 
     accepted = accepted_options(cls)
-    return {"alpha": ALPHA_HINT} if "step_size" in accepted and "alpha" not in accepted else None
+    hints = foreign_name_hints(accepted)
+    if "step_size" in accepted and "alpha" not in accepted:
+        hints["alpha"] = ALPHA_HINT
+    return hints or None
 
 
 class PGDDefense(Defense):
