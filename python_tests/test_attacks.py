@@ -5406,7 +5406,8 @@ def test_an_attack_object_given_x_that_is_no_tensor_names_x(cls):
         extra = {"random_start": True} if cls is attacks.CW else {}
         attack = cls(model, eps=0.03, seed=seed, **extra)
         with pytest.raises(TypeError, match=rf"^{re.escape(attack.name)}: expected x to be a floating-point tensor, "
-                                            r"got <class 'list'>$"):
+                                            r"got <class 'list'>; convert it with torch.as_tensor\(x, "
+                                            r"dtype=torch.float32\)$"):
             attack(x.tolist(), y)
 
 
@@ -6575,7 +6576,7 @@ def test_labels_that_are_not_a_tensor_are_a_type_error():
     # the mask check comes first in check_inputs: it must not fail on a list with an AttributeError
     model, (x, y) = make_model(), make_data()
     with pytest.raises(TypeError, match=r"^pgd: expected y to be an integer tensor of class labels, got "
-                                        r"<class 'list'>$"):
+                                        r"<class 'list'>; convert them with torch.as_tensor\(y\)$"):
         attacks.pgd(model, x, y.tolist(), eps=0.03)
 
 
@@ -6644,14 +6645,27 @@ def test_a_model_that_fails_on_its_own_device_too_keeps_torchs_error():
 
 def test_numpy_inputs_are_named_as_numpy_arrays():
     """A numpy array's dtype alone made the error read "expected y to be an integer tensor ..., got int64" (and "x
-    ... floating-point tensor, got float32"): the message seemed to accept what it refused."""
+    ... floating-point tensor, got float32"): the message seemed to accept what it refused. Named, numpy (or list)
+    labels and inputs got no way to a tensor, and float numpy labels a tensor's "convert them with .long()", which a
+    numpy array has not: each names torch.as_tensor now (found by the attacks7 helper)."""
     model, (x, y) = make_model(), make_data()
-    with pytest.raises(TypeError, match=r"^pgd: expected y to be an integer tensor of class labels, got "
-                                        r"<class 'numpy.ndarray'>$"):
+    labels = r"^pgd: expected y to be an integer tensor of class labels, got "
+    with pytest.raises(TypeError, match=labels + r"<class 'numpy.ndarray'>; convert them with torch.as_tensor\(y\)$"):
         attacks.pgd(model, x, y.numpy(), eps=0.03)
-    with pytest.raises(TypeError, match=r"^pgd: expected x to be a floating-point tensor, got "
-                                        r"<class 'numpy.ndarray'>$"):
-        attacks.pgd(model, x.numpy(), y, eps=0.03)
+    with pytest.raises(TypeError, match=labels + r"<class 'list'>; convert them with torch.as_tensor\(y\)$"):
+        attacks.pgd(model, x, y.tolist(), eps=0.03)
+    with pytest.raises(TypeError, match=labels + r"<class 'numpy.ndarray'>; class numbers stored as floats "
+                                                 r"\(0., 1., ...\)\? convert them with torch.as_tensor\(y\).long\(\)$"):
+        attacks.pgd(model, x, y.numpy().astype(np.float64), eps=0.03)
+    with pytest.raises(TypeError, match=labels + r"<class 'NoneType'>$"):  # no conversion to name
+        attacks.pgd(model, x, None, eps=0.03)
+    for array, kind in ((x.numpy(), "numpy.ndarray"), (x.tolist(), "list")):
+        with pytest.raises(TypeError, match=rf"^pgd: expected x to be a floating-point tensor, got <class '{kind}'>; "
+                                            r"convert it with torch.as_tensor\(x, dtype=torch.float32\)$"):
+            attacks.pgd(model, array, y, eps=0.03)
+    x_adv = attacks.pgd(model, torch.as_tensor(x.numpy(), dtype=torch.float32), torch.as_tensor(y.numpy()), eps=0.03,
+                        steps=1)
+    assert x_adv.shape == x.shape
 
 
 def test_ensemble_checks_clean_inputs_batch_size_at_a_time():

@@ -3216,7 +3216,8 @@ def test_a_defense_given_images_that_are_no_float_tensor_names_x(name):
     model = TinyCNN(1, 2)
     x, y = torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
     defense = defenses.build(name)
-    for bad, got in ((x.tolist(), "<class 'list'>"), (x.numpy(), "<class 'numpy.ndarray'>"),
+    convert = "; convert it with torch.as_tensor(x, dtype=torch.float32)"
+    for bad, got in ((x.tolist(), "<class 'list'>" + convert), (x.numpy(), "<class 'numpy.ndarray'>" + convert),
                      ((x * 255).to(torch.uint8), "torch.uint8")):
         with pytest.raises(TypeError, match=rf"^{re.escape(defense.name)}: expected x to be a floating-point tensor, "
                                             rf"got {re.escape(got)}$"):

@@ -764,14 +764,22 @@ def value_range_fix(lo, hi, range_min, range_max, normalize, clamp):
             f"): {units}")
 
 
+def _array_like(value):
+    """Whether ``value`` is a numpy array, list or tuple: values torch.as_tensor converts, which the input and label
+    refusals name the conversion for."""
+    return isinstance(value, (list, tuple)) or type(value).__module__ == "numpy"
+
+
 def check_input_batch(name, x):
     """``x`` must be a floating-point tensor with a batch dimension: check_inputs' first rule, and the one the
     defenses apply before reading the batch size (a list of images failed with "'list' object has no attribute
     'shape'")."""
     if not torch.is_tensor(x) or not x.is_floating_point():
         # a numpy array's dtype alone ("got float32") read as if the tensor were fine: name its type
+        # a numpy array or a list was named with no way to a tensor
+        fix = "; convert it with torch.as_tensor(x, dtype=torch.float32)" if _array_like(x) else ""
         raise TypeError(f"{name}: expected x to be a floating-point tensor, got "
-                        f"{x.dtype if torch.is_tensor(x) else type(x)}")
+                        f"{x.dtype if torch.is_tensor(x) else type(x)}{fix}")
     if x.dim() < 1:
         raise ValueError(f"{name}: expected x to have a batch dimension, got a 0-D tensor")
 
@@ -823,8 +831,12 @@ def check_class_labels(name, y, n, label_range=False, x=None):
         raise ValueError(f"{name}: expected y of shape [{n}], got {tuple(y.shape)}: segmentation masks? "
                          "the attacks are for classifiers only (segmentation: docs/ima.md, Segmentation)")
     if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        # numpy labels (a metadata table's column) or a list: a tensor's fix (.long()) does not apply to them, and
+        # integer ones were named with no fix at all
+        fix = (label_dtype_fix(y, "torch.as_tensor(y).long()") or "; convert them with torch.as_tensor(y)"
+               if _array_like(y) else label_dtype_fix(y))
         raise TypeError(f"{name}: expected y to be an integer tensor of class labels, got "
-                        f"{y.dtype if torch.is_tensor(y) else type(y)}{label_dtype_fix(y)}")
+                        f"{y.dtype if torch.is_tensor(y) else type(y)}{fix}")
     y = y.long()  # a no-op (same tensor) for int64
     if y.is_inference() and not torch.is_inference_mode_enabled():
         # labels made under torch.inference_mode() (a data pipeline's) cannot be saved for the loss's backward:
