@@ -1907,15 +1907,19 @@ g = torch.Generator().manual_seed(0)
 cases = (((3, 3), (2, 2), (1, 1), (1, 1), False), ((2, 3), (1, 3), (0, 1), (2, 1), True),
          ((3, 3), (1, 1), (0, 0), (1, 1), False))
 # NaN bit patterns with payloads (signaling and negative ones too): the output keeps the input's bits
-nans = {torch.float32: (0x7F800001, -0x3FFFFF), torch.float16: (0x7C01, -0x1A6), torch.bfloat16: (0x7F81, -0x3D)}
-bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-for dtype in (torch.float32, torch.float16, torch.bfloat16):
+nans = {torch.float32: (0x7F800001, -0x3FFFFF), torch.float16: (0x7C01, -0x1A6), torch.bfloat16: (0x7F81, -0x3D),
+        torch.float64: (0x7FF0000000000001, -0x7FFFFFFFFFFFF)}
+bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+        torch.float64: torch.int64}
+for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
     for c in [*range(1, 18), 24, 31, 33, 48, 63, 64, 65, 72]:
         x = torch.randint(-2, 3, (2, c, 7, 10 + c % 2), generator=g).to(dtype)
         x[(x == 0) & (torch.rand(x.shape, generator=g) < 0.5)] = -0.0
         # values of every magnitude (subnormals of the dtype included), not only small integers
         fine = torch.randn(x.shape, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-45, 5, x.shape,
                                                                                             generator=g)
+        if dtype == torch.float64:  # float64 subnormals, and values float32 cannot tell apart
+            fine = torch.where(torch.rand(x.shape, generator=g) < 0.5, fine * 1e-280, 1 + fine * 1e-12)
         x = torch.where(torch.rand(x.shape, generator=g) < 0.3, fine.to(dtype), x)
         x[x == -2] = float("-inf")
         x.view(bits[dtype])[1, c // 2, 3, 4], x.view(bits[dtype])[1, c // 2, 3, 5] = nans[dtype]
@@ -1938,7 +1942,7 @@ def test_every_lane_count_on_every_cpu_instruction_set_path(isa):
     # stored under masks with AVX-512 and AVX2 alike, reading no lane past the input's end; 8 left with AVX-512: one
     # AVX2 vector), 24-72 run blocks of 2-4 vectors side by side; NCHW rows of 8 or 9 windows (stride 1) end the same
     # ways. float16 and bfloat16 run the float32 vector steps, widened on load and narrowed on store (odd lane counts
-    # load their last 16-bit element on its own).
+    # load their last 16-bit element on its own); float64 runs the same steps 4 (AVX2) or 8 (AVX-512) lanes a vector.
     # Values bit for bit (signed zeros, NaN payloads, subnormals) and indices as the reference's, for every vector
     # dtype, either op and layout.
     run_with_cpu_isa(_LANES_SCRIPT, isa)
@@ -1967,7 +1971,7 @@ def at_page_end(shape, dtype):
     return x
 
 
-for dtype in (torch.float32, torch.float16, torch.bfloat16):
+for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
     for c in [*range(1, 18), 23, 31]:
         for fmt in ("nchw", "channels_last"):
             for w in (8, 11, 21):

@@ -144,12 +144,14 @@ bool window_top2_scalar(const scalar_t* __restrict__ base, int64_t step, int64_t
 // dependency chain. float16 and bfloat16 (T) run the same float32 steps: widened on load (exact: every float16 and
 // bfloat16 value is a float32 value, order and signed zeros kept) and narrowed on store (exact: the value stored is
 // one of the window's inputs; windows holding NaN are redone by select_window, which copies the input's bits).
-// float16 needs F16C (checked at run time besides AVX2); bfloat16 widens by a 16-bit shift.
+// float16 needs F16C (checked at run time besides AVX2); bfloat16 widens by a 16-bit shift. float64 runs the same
+// steps 4 lanes a vector (__m256d; 8 with AVX-512), its positions carried as doubles, through the overloads below.
 #define ROBUST_OPS_AVX2 __attribute__((target("avx2,f16c"), always_inline)) inline
 
 // The element types the vector paths run.
 template <typename T>
-constexpr bool kVectorType = std::is_same_v<T, float> || std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
+constexpr bool kVectorType = std::is_same_v<T, float> || std::is_same_v<T, at::Half> ||
+                              std::is_same_v<T, at::BFloat16> || std::is_same_v<T, double>;
 
 template <typename T>
 inline const uint16_t* bits16(const T* p) {
@@ -161,9 +163,44 @@ struct Top2State {
   __m256 sum;  // of the window's values: NaN when one is NaN (or +inf and -inf both: the scalar path then redoes it)
 };
 
+struct Top2StateD {
+  __m256d a1, a2, t1, t2;
+  __m256d sum;  // as Top2State's
+};
+
+// The lanes of one AVX2 vector of T, and the state of a window's top 2 in them.
+template <typename T>
+constexpr int kLanes8 = std::is_same_v<T, double> ? 4 : 8;
+template <typename T>
+using Top2StateOf = std::conditional_t<std::is_same_v<T, double>, Top2StateD, Top2State>;
+
+// The vector operations of the steps, for float32 and float64 lanes alike (masks are vectors of all-ones lanes).
+ROBUST_OPS_AVX2 __m256 splat(float x) { return _mm256_set1_ps(x); }
+ROBUST_OPS_AVX2 __m256d splat(double x) { return _mm256_set1_pd(x); }
+template <int kCmp>
+ROBUST_OPS_AVX2 __m256 compare(__m256 a, __m256 b) { return _mm256_cmp_ps(a, b, kCmp); }
+template <int kCmp>
+ROBUST_OPS_AVX2 __m256d compare(__m256d a, __m256d b) { return _mm256_cmp_pd(a, b, kCmp); }
+ROBUST_OPS_AVX2 __m256 blend(__m256 a, __m256 b, __m256 m) { return _mm256_blendv_ps(a, b, m); }
+ROBUST_OPS_AVX2 __m256d blend(__m256d a, __m256d b, __m256d m) { return _mm256_blendv_pd(a, b, m); }
+ROBUST_OPS_AVX2 __m256 vmax(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
+ROBUST_OPS_AVX2 __m256d vmax(__m256d a, __m256d b) { return _mm256_max_pd(a, b); }
+ROBUST_OPS_AVX2 __m256 vadd(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+ROBUST_OPS_AVX2 __m256d vadd(__m256d a, __m256d b) { return _mm256_add_pd(a, b); }
+ROBUST_OPS_AVX2 __m256 vor(__m256 a, __m256 b) { return _mm256_or_ps(a, b); }
+ROBUST_OPS_AVX2 __m256d vor(__m256d a, __m256d b) { return _mm256_or_pd(a, b); }
+// The lanes whose window sum is NaN, as float32 lanes (any bit set counts).
+ROBUST_OPS_AVX2 __m256 nan_sum(__m256 sum) { return _mm256_cmp_ps(sum, sum, _CMP_UNORD_Q); }
+ROBUST_OPS_AVX2 __m256 nan_sum(__m256d sum) { return _mm256_castpd_ps(_mm256_cmp_pd(sum, sum, _CMP_UNORD_Q)); }
+
 // All-ones in the lanes [0, n), zero above: the mask of a partly filled vector's loads and stores.
 ROBUST_OPS_AVX2 __m256i first_lanes(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// All-ones in the 64-bit lanes [0, n) of 4, zero above.
+ROBUST_OPS_AVX2 __m256i first_lanes4(int64_t n) {
+  return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
 }
 
 // 8 float16 / bfloat16 bit patterns widened to float32, and back (the value narrowed is one of the inputs: exact).
@@ -207,50 +244,63 @@ ROBUST_OPS_AVX2 __m256 load_lanes(const T* p, int64_t step, bool may_read_ahead)
   }
 }
 
+ROBUST_OPS_AVX2 __m256d load_lanes(const double* p, int64_t step, bool may_read_ahead) {
+  if (step == 1) return _mm256_loadu_pd(p);
+  if (step == 2 && may_read_ahead) {  // p0 p4 p2 p6 from two loads (the second reads one element past lane 3's)
+    const __m256d mixed = _mm256_unpacklo_pd(_mm256_loadu_pd(p), _mm256_loadu_pd(p + 4));
+    return _mm256_permute4x64_pd(mixed, _MM_SHUFFLE(3, 1, 2, 0));
+  }
+  return _mm256_setr_pd(p[0], p[step], p[2 * step], p[3 * step]);
+}
+
 // The window's first element: the maximum so far, no second yet. Select::kMax updates the first-order state only.
-template <Select rule>
-ROBUST_OPS_AVX2 void top2_first(Top2State& st, __m256 v, __m256 s) {
+template <Select rule, typename State, typename V>
+ROBUST_OPS_AVX2 void top2_first(State& st, V v, V s) {
   st.a1 = v;
   st.t1 = s;
   st.sum = v;
   if constexpr (rule == Select::kDropMax) {
-    st.a2 = _mm256_setzero_ps();
-    st.t2 = _mm256_set1_ps(-1.0f);
+    st.a2 = V{};
+    if constexpr (std::is_same_v<State, Top2StateD>) {
+      st.t2 = _mm256_set1_pd(-1.0);
+    } else {
+      st.t2 = _mm256_set1_ps(-1.0f);
+    }
   }
 }
 
 // One more tap. `has_second`: every lane holds a second already (from the window's third tap on), so the "no second
 // yet" test drops out. Values move by max (vmaxps returns its second operand on ties and NaN, so the earlier
 // element is kept, bitwise as the blends did) and positions by blends: 9 vector operations a tap instead of 12.
-template <Select rule, bool has_second>
-ROBUST_OPS_AVX2 void top2_step(Top2State& st, __m256 v, __m256 s) {
-  const __m256 gt1 = _mm256_cmp_ps(v, st.a1, _CMP_GT_OQ);
-  st.sum = _mm256_add_ps(st.sum, v);
+template <Select rule, bool has_second, typename State, typename V>
+ROBUST_OPS_AVX2 void top2_step(State& st, V v, V s) {
+  const V gt1 = compare<_CMP_GT_OQ>(v, st.a1);
+  st.sum = vadd(st.sum, v);
   if constexpr (rule == Select::kMax) {
-    st.a1 = _mm256_blendv_ps(st.a1, v, gt1);
-    st.t1 = _mm256_blendv_ps(st.t1, s, gt1);
+    st.a1 = blend(st.a1, v, gt1);
+    st.t1 = blend(st.t1, s, gt1);
     return;
   }
-  __m256 gt2 = _mm256_cmp_ps(v, st.a2, _CMP_GT_OQ);
-  if constexpr (!has_second) gt2 = _mm256_or_ps(gt2, _mm256_cmp_ps(st.t2, _mm256_setzero_ps(), _CMP_LT_OQ));
-  const __m256 c2 = has_second ? _mm256_max_ps(v, st.a2) : _mm256_blendv_ps(st.a2, v, gt2);
-  st.a2 = _mm256_blendv_ps(c2, st.a1, gt1);
-  st.t2 = _mm256_blendv_ps(_mm256_blendv_ps(st.t2, s, gt2), st.t1, gt1);
-  st.a1 = _mm256_max_ps(v, st.a1);
-  st.t1 = _mm256_blendv_ps(st.t1, s, gt1);
+  V gt2 = compare<_CMP_GT_OQ>(v, st.a2);
+  if constexpr (!has_second) gt2 = vor(gt2, compare<_CMP_LT_OQ>(st.t2, V{}));
+  const V c2 = has_second ? vmax(v, st.a2) : blend(st.a2, v, gt2);
+  st.a2 = blend(c2, st.a1, gt1);
+  st.t2 = blend(blend(st.t2, s, gt2), st.t1, gt1);
+  st.a1 = vmax(v, st.a1);
+  st.t1 = blend(st.t1, s, gt1);
 }
 
-template <Select rule, typename T>
-ROBUST_OPS_AVX2 void top2_window(Top2State& st, const T* p, int64_t step, bool may_read_ahead,
-                                 const int64_t* tap_off, const float* tap_rel, int64_t ntaps, __m256& nan_lanes) {
-  top2_first<rule>(st, load_lanes(p + tap_off[0], step, may_read_ahead), _mm256_set1_ps(tap_rel[0]));
+template <Select rule, typename T, typename R>
+ROBUST_OPS_AVX2 void top2_window(Top2StateOf<T>& st, const T* p, int64_t step, bool may_read_ahead,
+                                 const int64_t* tap_off, const R* tap_rel, int64_t ntaps, __m256& nan_lanes) {
+  top2_first<rule>(st, load_lanes(p + tap_off[0], step, may_read_ahead), splat(tap_rel[0]));
   if (ntaps > 1) {
-    top2_step<rule, false>(st, load_lanes(p + tap_off[1], step, may_read_ahead), _mm256_set1_ps(tap_rel[1]));
+    top2_step<rule, false>(st, load_lanes(p + tap_off[1], step, may_read_ahead), splat(tap_rel[1]));
   }
   for (int64_t t = 2; t < ntaps; ++t) {
-    top2_step<rule, true>(st, load_lanes(p + tap_off[t], step, may_read_ahead), _mm256_set1_ps(tap_rel[t]));
+    top2_step<rule, true>(st, load_lanes(p + tap_off[t], step, may_read_ahead), splat(tap_rel[t]));
   }
-  nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(st.sum, st.sum, _CMP_UNORD_Q));
+  nan_lanes = _mm256_or_ps(nan_lanes, nan_sum(st.sum));
 }
 
 // Writes lanes [j, min(j + 8, len)): value and idx = origin + (j + lane) * origin_step + rel.
@@ -291,6 +341,39 @@ ROBUST_OPS_AVX2 void top2_store(const Top2State& st, int64_t j, int64_t len, T* 
   }
 }
 
+// float64: lanes [j, min(j + 4, len)), lane_step holding the 4 lanes' offsets (int32).
+template <Select rule, typename T>
+ROBUST_OPS_AVX2 void top2_store(const Top2StateD& st, int64_t j, int64_t len, double* out, int64_t* idx,
+                                int64_t origin, int64_t origin_step, __m128i lane_step) {
+  __m256d val = st.a1, pos = st.t1;
+  if constexpr (rule == Select::kDropMax) {
+    const __m256d second = _mm256_cmp_pd(st.t2, _mm256_setzero_pd(), _CMP_GE_OQ);
+    val = _mm256_blendv_pd(st.a1, st.a2, second);
+    pos = _mm256_blendv_pd(st.t1, st.t2, second);
+  }
+  const __m128i rel = _mm_add_epi32(_mm256_cvttpd_epi32(pos), lane_step);
+  const __m256i at = _mm256_add_epi64(_mm256_set1_epi64x(origin + j * origin_step), _mm256_cvtepi32_epi64(rel));
+  if (j + 4 <= len) {
+    _mm256_storeu_pd(out + j, val);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + j), at);
+  } else {
+    const __m256i keep = first_lanes4(len - j);
+    _mm256_maskstore_pd(out + j, keep, val);
+    _mm256_maskstore_epi64(reinterpret_cast<long long*>(idx + j), keep, at);
+  }
+}
+
+// The lanes' offsets lane * origin_step of one AVX2 vector of T, as int32.
+template <typename T>
+ROBUST_OPS_AVX2 auto lane_steps8(int64_t origin_step) {
+  if constexpr (std::is_same_v<T, double>) {
+    return _mm_mullo_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32(static_cast<int32_t>(origin_step)));
+  } else {
+    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                              _mm256_set1_epi32(static_cast<int32_t>(origin_step)));
+  }
+}
+
 // The 16-bit lanes [0, n) of 8, n <= 8, reading only those (AVX2 has no 16-bit masked load): n / 2 dwords under a
 // mask (vpmaskmovd reads no masked-off element and faults on none), an odd last element blended in; the others 0.
 ROBUST_OPS_AVX2 __m128i load_partial_bits8(const uint16_t* q, int64_t step, int64_t n) {
@@ -323,33 +406,40 @@ ROBUST_OPS_AVX2 __m256 load_partial_lanes(const T* p, int64_t step, int64_t n) {
   }
 }
 
-// Vector u of a block of U side by side (lanes [j + 8u, j + 8u + 8)) for one tap; p is the tap's lane j. With
-// `partial`, the last vector holds only the lanes below len and reads no others.
+ROBUST_OPS_AVX2 __m256d load_partial_lanes(const double* p, int64_t step, int64_t n) {
+  if (step == 1) return _mm256_maskload_pd(p, first_lanes4(n));
+  alignas(32) double lanes[4] = {};
+  for (int64_t l = 0; l < n; ++l) lanes[l] = p[l * step];
+  return _mm256_load_pd(lanes);
+}
+
+// Vector u of a block of U side by side (lanes [j + Lu, j + Lu + L), L = kLanes8<T>) for one tap; p is the tap's
+// lane j. With `partial`, the last vector holds only the lanes below len and reads no others.
 template <typename T, int U, bool partial>
-ROBUST_OPS_AVX2 __m256 load_block_lanes(const T* p, int u, int64_t j, int64_t step, int64_t len,
-                                        int64_t safe_len) {
-  if (partial && u == U - 1) return load_partial_lanes(p + 8 * u * step, step, len - j - 8 * u);
-  return load_lanes(p + 8 * u * step, step, j + 8 * (u + 1) < safe_len);
+ROBUST_OPS_AVX2 auto load_block_lanes(const T* p, int u, int64_t j, int64_t step, int64_t len, int64_t safe_len) {
+  constexpr int L = kLanes8<T>;
+  if (partial && u == U - 1) return load_partial_lanes(p + L * u * step, step, len - j - L * u);
+  return load_lanes(p + L * u * step, step, j + L * (u + 1) < safe_len);
 }
 
 // U vectors side by side from lane j on (one vector's taps form a dependency chain), as top2_block16.
-template <Select rule, typename T, int U, bool partial>
+template <Select rule, typename T, int U, bool partial, typename R, typename I>
 ROBUST_OPS_AVX2 void top2_block(const T* base, int64_t step, int64_t j, int64_t len, int64_t safe_len,
-                                const int64_t* tap_off, const float* tap_rel, int64_t ntaps, T* out, int64_t* idx,
-                                int64_t origin, int64_t origin_step, __m256i lane_step, __m256& nan_lanes) {
-  Top2State st[U];
+                                const int64_t* tap_off, const R* tap_rel, int64_t ntaps, T* out, int64_t* idx,
+                                int64_t origin, int64_t origin_step, I lane_step, __m256& nan_lanes) {
+  Top2StateOf<T> st[U];
 #pragma GCC unroll 4
   for (int u = 0; u < U; ++u) {
-    const __m256 v = load_block_lanes<T, U, partial>(base + tap_off[0] + j * step, u, j, step, len, safe_len);
-    top2_first<rule>(st[u], v, _mm256_set1_ps(tap_rel[0]));
+    const auto v = load_block_lanes<T, U, partial>(base + tap_off[0] + j * step, u, j, step, len, safe_len);
+    top2_first<rule>(st[u], v, splat(tap_rel[0]));
   }
 #pragma GCC unroll 4
   for (int u = 0; u < U && ntaps > 1; ++u) {
-    const __m256 v = load_block_lanes<T, U, partial>(base + tap_off[1] + j * step, u, j, step, len, safe_len);
-    top2_step<rule, false>(st[u], v, _mm256_set1_ps(tap_rel[1]));
+    const auto v = load_block_lanes<T, U, partial>(base + tap_off[1] + j * step, u, j, step, len, safe_len);
+    top2_step<rule, false>(st[u], v, splat(tap_rel[1]));
   }
   for (int64_t t = 2; t < ntaps; ++t) {
-    const __m256 s = _mm256_set1_ps(tap_rel[t]);
+    const auto s = splat(tap_rel[t]);
     const T* p = base + tap_off[t] + j * step;
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) {
@@ -357,9 +447,11 @@ ROBUST_OPS_AVX2 void top2_block(const T* base, int64_t step, int64_t j, int64_t 
     }
   }
 #pragma GCC unroll 4
-  for (int u = 0; u < U; ++u) nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(st[u].sum, st[u].sum, _CMP_UNORD_Q));
+  for (int u = 0; u < U; ++u) nan_lanes = _mm256_or_ps(nan_lanes, nan_sum(st[u].sum));
 #pragma GCC unroll 4
-  for (int u = 0; u < U; ++u) top2_store<rule, T>(st[u], j + 8 * u, len, out, idx, origin, origin_step, lane_step);
+  for (int u = 0; u < U; ++u) {
+    top2_store<rule, T>(st[u], j + kLanes8<T> * u, len, out, idx, origin, origin_step, lane_step);
+  }
 }
 
 // Handles all len lanes (done = len), reading lanes below safe_len only, in blocks of up to kUnroll vectors; a partly
@@ -369,16 +461,15 @@ ROBUST_OPS_AVX2 void top2_block(const T* base, int64_t step, int64_t j, int64_t 
 template <Select rule, typename T>
 __attribute__((target("avx2,f16c"))) bool window_top2_avx2(const T* __restrict__ base, int64_t step, int64_t len,
                                                            int64_t safe_len, const int64_t* tap_off,
-                                                           const float* tap_rel, int64_t ntaps, T* __restrict__ out,
-                                                           int64_t* __restrict__ idx, int64_t origin,
-                                                           int64_t origin_step, int64_t& done) {
-  constexpr int kUnroll = 3;
+                                                           const at::opmath_type<T>* tap_rel, int64_t ntaps,
+                                                           T* __restrict__ out, int64_t* __restrict__ idx,
+                                                           int64_t origin, int64_t origin_step, int64_t& done) {
+  constexpr int kUnroll = 3, L = kLanes8<T>;
   __m256 nan_lanes = _mm256_setzero_ps();
-  const __m256i lane_step = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                               _mm256_set1_epi32(static_cast<int32_t>(origin_step)));
-  for (int64_t j = 0; j < len; j += 8 * kUnroll) {
-    const int64_t vectors = std::min<int64_t>(kUnroll, (len - j + 7) / 8);
-    const bool partial = j + 8 * vectors > safe_len;
+  const auto lane_step = lane_steps8<T>(origin_step);
+  for (int64_t j = 0; j < len; j += L * kUnroll) {
+    const int64_t vectors = std::min<int64_t>(kUnroll, (len - j + L - 1) / L);
+    const bool partial = j + L * vectors > safe_len;
 #define ROBUST_OPS_BLOCK8(U)                                                                                         \
   (partial ? top2_block<rule, T, U, true>(base, step, j, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin,   \
                                           origin_step, lane_step, nan_lanes)                                         \
@@ -405,6 +496,31 @@ struct Top2State16 {
   __m512 a1, a2, t1, t2;
   __m512 sum;  // of the window's values, as Top2State's
 };
+
+struct Top2State8D {
+  __m512d a1, a2, t1, t2;
+  __m512d sum;
+};
+
+// The lanes of one AVX-512 vector of T, and the state of a window's top 2 in them.
+template <typename T>
+constexpr int kLanes16 = std::is_same_v<T, double> ? 8 : 16;
+template <typename T>
+using Top2State16Of = std::conditional_t<std::is_same_v<T, double>, Top2State8D, Top2State16>;
+
+// The vector operations of the steps, for float32 and float64 lanes alike (compares into mask registers).
+ROBUST_OPS_AVX512 __m512 splat16(float x) { return _mm512_set1_ps(x); }
+ROBUST_OPS_AVX512 __m512d splat16(double x) { return _mm512_set1_pd(x); }
+template <int kCmp>
+ROBUST_OPS_AVX512 __mmask16 compare_mask(__m512 a, __m512 b) { return _mm512_cmp_ps_mask(a, b, kCmp); }
+template <int kCmp>
+ROBUST_OPS_AVX512 __mmask8 compare_mask(__m512d a, __m512d b) { return _mm512_cmp_pd_mask(a, b, kCmp); }
+ROBUST_OPS_AVX512 __m512 mask_mov(__m512 src, __mmask16 m, __m512 a) { return _mm512_mask_mov_ps(src, m, a); }
+ROBUST_OPS_AVX512 __m512d mask_mov(__m512d src, __mmask8 m, __m512d a) { return _mm512_mask_mov_pd(src, m, a); }
+ROBUST_OPS_AVX512 __m512 vmax(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+ROBUST_OPS_AVX512 __m512d vmax(__m512d a, __m512d b) { return _mm512_max_pd(a, b); }
+ROBUST_OPS_AVX512 __m512 vadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+ROBUST_OPS_AVX512 __m512d vadd(__m512d a, __m512d b) { return _mm512_add_pd(a, b); }
 
 // 16 float16 / bfloat16 bit patterns widened to float32 (as widen8).
 template <typename T>
@@ -447,36 +563,40 @@ ROBUST_OPS_AVX512 __m512 load_lanes16(const T* p, int64_t step, bool may_read_ah
   }
 }
 
-template <Select rule>
-ROBUST_OPS_AVX512 void top2_first16(Top2State16& st, __m512 v, __m512 s) {
+template <Select rule, typename State, typename V>
+ROBUST_OPS_AVX512 void top2_first16(State& st, V v, V s) {
   st.a1 = v;
   st.t1 = s;
   st.sum = v;
   if constexpr (rule == Select::kDropMax) {
-    st.a2 = _mm512_setzero_ps();
-    st.t2 = _mm512_set1_ps(-1.0f);
+    st.a2 = V{};
+    if constexpr (std::is_same_v<State, Top2State8D>) {
+      st.t2 = _mm512_set1_pd(-1.0);
+    } else {
+      st.t2 = _mm512_set1_ps(-1.0f);
+    }
   }
 }
 
 // As top2_step: values move by max (the earlier element kept on ties and NaN, bitwise as masked moves), NaN is
 // found through the sum once per window, and `has_second` drops the "no second yet" test -- a per-tap NaN compare
 // and masked moves for the maxima made each tap a longer chain and more compares than AVX2's (slower per lane).
-template <Select rule, bool has_second>
-ROBUST_OPS_AVX512 void top2_step16(Top2State16& st, __m512 v, __m512 s) {
-  const __mmask16 gt1 = _mm512_cmp_ps_mask(v, st.a1, _CMP_GT_OQ);
-  st.sum = _mm512_add_ps(st.sum, v);
+template <Select rule, bool has_second, typename State, typename V>
+ROBUST_OPS_AVX512 void top2_step16(State& st, V v, V s) {
+  const auto gt1 = compare_mask<_CMP_GT_OQ>(v, st.a1);
+  st.sum = vadd(st.sum, v);
   if constexpr (rule == Select::kMax) {
-    st.a1 = _mm512_max_ps(v, st.a1);
-    st.t1 = _mm512_mask_mov_ps(st.t1, gt1, s);
+    st.a1 = vmax(v, st.a1);
+    st.t1 = mask_mov(st.t1, gt1, s);
     return;
   }
-  __mmask16 gt2 = _mm512_cmp_ps_mask(v, st.a2, _CMP_GT_OQ);
-  if constexpr (!has_second) gt2 |= _mm512_cmp_ps_mask(st.t2, _mm512_setzero_ps(), _CMP_LT_OQ);
-  const __m512 c2 = has_second ? _mm512_max_ps(v, st.a2) : _mm512_mask_mov_ps(st.a2, gt2, v);
-  st.a2 = _mm512_mask_mov_ps(c2, gt1, st.a1);
-  st.t2 = _mm512_mask_mov_ps(_mm512_mask_mov_ps(st.t2, gt2, s), gt1, st.t1);
-  st.a1 = _mm512_max_ps(v, st.a1);
-  st.t1 = _mm512_mask_mov_ps(st.t1, gt1, s);
+  auto gt2 = compare_mask<_CMP_GT_OQ>(v, st.a2);
+  if constexpr (!has_second) gt2 |= compare_mask<_CMP_LT_OQ>(st.t2, V{});
+  const V c2 = has_second ? vmax(v, st.a2) : mask_mov(st.a2, gt2, v);
+  st.a2 = mask_mov(c2, gt1, st.a1);
+  st.t2 = mask_mov(mask_mov(st.t2, gt2, s), gt1, st.t1);
+  st.a1 = vmax(v, st.a1);
+  st.t1 = mask_mov(st.t1, gt1, s);
 }
 
 template <Select rule, typename T>
@@ -503,6 +623,53 @@ ROBUST_OPS_AVX512 void top2_store16(const Top2State16& st, int64_t j, int64_t le
   _mm512_mask_storeu_epi64(idx + j + 8, __mmask8(keep >> 8), hi);
 }
 
+// float64: lanes [j, min(j + 8, len)), lane_step holding the 8 lanes' offsets (int32).
+template <Select rule, typename T>
+ROBUST_OPS_AVX512 void top2_store16(const Top2State8D& st, int64_t j, int64_t len, double* out, int64_t* idx,
+                                    int64_t origin, int64_t origin_step, __m256i lane_step) {
+  __m512d val = st.a1, pos = st.t1;
+  if constexpr (rule == Select::kDropMax) {
+    const __mmask8 second = _mm512_cmp_pd_mask(st.t2, _mm512_setzero_pd(), _CMP_GE_OQ);
+    val = _mm512_mask_mov_pd(st.a1, second, st.a2);
+    pos = _mm512_mask_mov_pd(st.t1, second, st.t2);
+  }
+  const __m256i rel = _mm256_add_epi32(_mm512_cvttpd_epi32(pos), lane_step);
+  const __m512i at = _mm512_add_epi64(_mm512_set1_epi64(origin + j * origin_step), _mm512_cvtepi32_epi64(rel));
+  const int64_t n = std::min<int64_t>(8, len - j);
+  const __mmask8 keep = __mmask8((1u << n) - 1);
+  _mm512_mask_storeu_pd(out + j, keep, val);
+  _mm512_mask_storeu_epi64(idx + j, keep, at);
+}
+
+// The lanes' offsets lane * origin_step of one AVX-512 vector of T, as int32.
+template <typename T>
+ROBUST_OPS_AVX512 auto lane_steps16(int64_t origin_step) {
+  if constexpr (std::is_same_v<T, double>) {
+    return lane_steps8<float>(origin_step);
+  } else {
+    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                              _mm512_set1_epi32(static_cast<int32_t>(origin_step)));
+  }
+}
+
+ROBUST_OPS_AVX512 __m512d load_lanes16(const double* p, int64_t step, bool may_read_ahead) {
+  if (step == 1) return _mm512_loadu_pd(p);
+  if (step == 2 && may_read_ahead) {  // deinterleave two loads (the second reads one element past lane 7's)
+    const __m512i even = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
+    return _mm512_permutex2var_pd(_mm512_loadu_pd(p), even, _mm512_loadu_pd(p + 8));
+  }
+  alignas(64) double lanes[8];
+  for (int l = 0; l < 8; ++l) lanes[l] = p[l * step];
+  return _mm512_load_pd(lanes);
+}
+
+ROBUST_OPS_AVX512 __m512d load_partial_lanes16(const double* p, int64_t step, int64_t n) {
+  if (step == 1) return _mm512_maskz_loadu_pd(__mmask8((1u << n) - 1), p);
+  alignas(64) double lanes[8] = {};
+  for (int64_t l = 0; l < n; ++l) lanes[l] = p[l * step];
+  return _mm512_load_pd(lanes);
+}
+
 // The lanes [0, n) of a partly filled vector, n <= 16, reading only those (the lanes past them may lie past the
 // input's end: the channels of the next pixel, or nothing); the others are 0. 16-bit elements: two halves of 8 as
 // AVX2 loads them (no 16-bit masked load without AVX512BW).
@@ -520,35 +687,34 @@ ROBUST_OPS_AVX512 __m512 load_partial_lanes16(const T* p, int64_t step, int64_t 
   }
 }
 
-// Vector u of a block of U side by side (lanes [j + 16u, j + 16u + 16)) for one tap; p is the tap's lane j. With
-// `partial`, the last vector holds only the lanes below len and reads no others.
+// Vector u of a block of U side by side (lanes [j + Lu, j + Lu + L), L = kLanes16<T>) for one tap; p is the tap's
+// lane j. With `partial`, the last vector holds only the lanes below len and reads no others.
 template <typename T, int U, bool partial>
-ROBUST_OPS_AVX512 __m512 load_block_lanes16(const T* p, int u, int64_t j, int64_t step, int64_t len,
-                                            int64_t safe_len) {
-  if (partial && u == U - 1) return load_partial_lanes16(p + 16 * u * step, step, len - j - 16 * u);
-  return load_lanes16(p + 16 * u * step, step, j + 16 * (u + 1) < safe_len);
+ROBUST_OPS_AVX512 auto load_block_lanes16(const T* p, int u, int64_t j, int64_t step, int64_t len, int64_t safe_len) {
+  constexpr int L = kLanes16<T>;
+  if (partial && u == U - 1) return load_partial_lanes16(p + L * u * step, step, len - j - L * u);
+  return load_lanes16(p + L * u * step, step, j + L * (u + 1) < safe_len);
 }
 
 // U vectors side by side (one vector's taps form a dependency chain), from lane j on; the u loops unrolled by
 // pragma, as GCC kept the partial blocks' states in memory (17-31 lanes ran at half the speed of 32).
-template <Select rule, typename T, int U, bool partial>
+template <Select rule, typename T, int U, bool partial, typename R, typename I>
 ROBUST_OPS_AVX512 void top2_block16(const T* base, int64_t step, int64_t j, int64_t len, int64_t safe_len,
-                                    const int64_t* tap_off, const float* tap_rel, int64_t ntaps, T* out,
-                                    int64_t* idx, int64_t origin, int64_t origin_step, __m512i lane_step,
-                                    __mmask16& nan_lanes) {
-  Top2State16 st[U];
+                                    const int64_t* tap_off, const R* tap_rel, int64_t ntaps, T* out, int64_t* idx,
+                                    int64_t origin, int64_t origin_step, I lane_step, __mmask16& nan_lanes) {
+  Top2State16Of<T> st[U];
 #pragma GCC unroll 4
   for (int u = 0; u < U; ++u) {
-    const __m512 v = load_block_lanes16<T, U, partial>(base + tap_off[0] + j * step, u, j, step, len, safe_len);
-    top2_first16<rule>(st[u], v, _mm512_set1_ps(tap_rel[0]));
+    const auto v = load_block_lanes16<T, U, partial>(base + tap_off[0] + j * step, u, j, step, len, safe_len);
+    top2_first16<rule>(st[u], v, splat16(tap_rel[0]));
   }
 #pragma GCC unroll 4
   for (int u = 0; u < U && ntaps > 1; ++u) {
-    const __m512 v = load_block_lanes16<T, U, partial>(base + tap_off[1] + j * step, u, j, step, len, safe_len);
-    top2_step16<rule, false>(st[u], v, _mm512_set1_ps(tap_rel[1]));
+    const auto v = load_block_lanes16<T, U, partial>(base + tap_off[1] + j * step, u, j, step, len, safe_len);
+    top2_step16<rule, false>(st[u], v, splat16(tap_rel[1]));
   }
   for (int64_t t = 2; t < ntaps; ++t) {
-    const __m512 s = _mm512_set1_ps(tap_rel[t]);
+    const auto s = splat16(tap_rel[t]);
     const T* p = base + tap_off[t] + j * step;
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) {
@@ -556,9 +722,11 @@ ROBUST_OPS_AVX512 void top2_block16(const T* base, int64_t step, int64_t j, int6
     }
   }
 #pragma GCC unroll 4
-  for (int u = 0; u < U; ++u) nan_lanes |= _mm512_cmp_ps_mask(st[u].sum, st[u].sum, _CMP_UNORD_Q);
+  for (int u = 0; u < U; ++u) nan_lanes |= compare_mask<_CMP_UNORD_Q>(st[u].sum, st[u].sum);
 #pragma GCC unroll 4
-  for (int u = 0; u < U; ++u) top2_store16<rule, T>(st[u], j + 16 * u, len, out, idx, origin, origin_step, lane_step);
+  for (int u = 0; u < U; ++u) {
+    top2_store16<rule, T>(st[u], j + kLanes16<T> * u, len, out, idx, origin, origin_step, lane_step);
+  }
 }
 
 // Handles all len lanes (done = len): a partly filled last vector is loaded and stored under masks, as the scalar
@@ -567,27 +735,23 @@ ROBUST_OPS_AVX512 void top2_block16(const T* base, int64_t step, int64_t j, int6
 template <Select rule, typename T>
 __attribute__((target("avx512f,f16c"))) bool window_top2_avx512(const T* __restrict__ base, int64_t step,
                                                                int64_t len, int64_t safe_len, const int64_t* tap_off,
-                                                               const float* tap_rel, int64_t ntaps,
+                                                               const at::opmath_type<T>* tap_rel, int64_t ntaps,
                                                                T* __restrict__ out, int64_t* __restrict__ idx,
                                                                int64_t origin, int64_t origin_step, int64_t& done) {
-  constexpr int kUnroll = 4;
+  constexpr int kUnroll = 4, L = kLanes16<T>, L8 = kLanes8<T>;
   __mmask16 nan_lanes = 0;
-  const __m512i lane_step =
-      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                         _mm512_set1_epi32(static_cast<int32_t>(origin_step)));
-  for (int64_t j = 0; j < len; j += 16 * kUnroll) {
-    if (len - j == 8 && j + 8 <= safe_len) {  // one whole AVX2 vector left: ~5% faster than a masked 16-lane one
-      const __m256i lane_step8 = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                                    _mm256_set1_epi32(static_cast<int32_t>(origin_step)));
+  const auto lane_step = lane_steps16<T>(origin_step);
+  for (int64_t j = 0; j < len; j += L * kUnroll) {
+    if (len - j == L8 && j + L8 <= safe_len) {  // one whole AVX2 vector left: ~5% faster than a masked AVX-512 one
       __m256 nan8 = _mm256_setzero_ps();
-      Top2State st;
-      top2_window<rule, T>(st, base + j * step, step, j + 8 < safe_len, tap_off, tap_rel, ntaps, nan8);
-      top2_store<rule, T>(st, j, len, out, idx, origin, origin_step, lane_step8);
+      Top2StateOf<T> st;
+      top2_window<rule, T>(st, base + j * step, step, j + L8 < safe_len, tap_off, tap_rel, ntaps, nan8);
+      top2_store<rule, T>(st, j, len, out, idx, origin, origin_step, lane_steps8<T>(origin_step));
       if (_mm256_movemask_ps(nan8) != 0) nan_lanes = 1;
       break;
     }
-    const int64_t vectors = std::min<int64_t>(kUnroll, (len - j + 15) / 16);
-    const bool partial = j + 16 * vectors > safe_len;
+    const int64_t vectors = std::min<int64_t>(kUnroll, (len - j + L - 1) / L);
+    const bool partial = j + L * vectors > safe_len;
 #define ROBUST_OPS_BLOCK16(U)                                                                                        \
   (partial ? top2_block16<rule, T, U, true>(base, step, j, len, safe_len, tap_off, tap_rel, ntaps, out, idx,       \
                                             origin, origin_step, lane_step, nan_lanes)                               \
@@ -641,8 +805,8 @@ bool cpu_runs_vector_type() {
 #endif
 
 // `vector_ok`: relative positions and lane offsets fit the AVX2 path's exact float / int32 arithmetic; the vector
-// paths read the positions as floats (tap_rel), the scalar path as int64 (tap_pos). float32, float16 and bfloat16 run
-// the vector paths (float16 where the CPU has F16C), float64 the scalar one.
+// paths read the positions as acc_t (tap_rel: float, or double for float64), the scalar path as int64 (tap_pos).
+// Every floating type runs the vector paths (float16 where the CPU has F16C).
 template <Select rule, typename acc_t, typename scalar_t>
 bool window_top2(const scalar_t* base, int64_t step, int64_t len, int64_t safe_len, const int64_t* tap_off,
                  const acc_t* tap_rel, const int64_t* tap_pos, int64_t ntaps, scalar_t* out, int64_t* idx,
