@@ -1999,6 +1999,42 @@ def test_no_cpu_instruction_set_path_reads_past_the_inputs_end(isa):
     run_with_cpu_isa(_PAGE_END_SCRIPT, isa)
 
 
+_HALF_BACKWARD_SCRIPT = """
+import torch, robust_ops
+g = torch.Generator().manual_seed(0)
+pool, backward = torch.ops.robust_ops.drop_max_pool2d, torch.ops.robust_ops._drop_max_pool2d_backward
+results = []
+for c in (1, 3, 8, 13, 16, 40):
+    for channels_last in (False, True):
+        x = torch.randint(-3, 4, (2, c, 9, 11), generator=g).half()
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        for args in (((3, 3), (1, 1), (1, 1), (1, 1), False), ((2, 3), (1, 2), (0, 1), (1, 1), True)):
+            out, idx = pool(x, *args)
+            go = torch.randn(out.shape, generator=g) * 10.0 ** torch.randint(-9, 5, out.shape, generator=g)
+            go = go.clamp(-65504, 65504).half()
+            bits = go.view(torch.int16).view(-1)  # sums past float16's range, subnormals, +-inf, NaN payloads
+            bits[::7], bits[3::29], bits[5::31], bits[11::37], bits[13::41] = 0x7BFF, 0x7C01, -0x19A, 0x7C00, -0x400
+            results.append(backward(go, idx, list(x.shape)).contiguous().view(torch.int16))
+torch.save(results, PATH)
+print("ok")
+"""
+
+
+def test_float16_backward_rounds_alike_on_every_cpu_instruction_set_path(tmp_path):
+    # The float16 backward accumulates in float32 and rounds once; that rounding ran c10's software conversion (the
+    # extension is built without F16C), ~7x float32's backward. With AVX2 and F16C it now runs vcvtps2ph, 8 at a
+    # time, whose NaN keeps payload bits where c10's is 0x7E00 with the sign: the results, bit for bit, are the
+    # scalar path's (rounding to nearest even, overflow to inf, subnormals, NaN from payloads and from inf - inf).
+    results = {}
+    for isa in ("scalar", "avx2", "avx512"):
+        run_with_cpu_isa(_HALF_BACKWARD_SCRIPT.replace("PATH", repr(str(tmp_path / f"{isa}.pt"))), isa)
+        results[isa] = torch.load(tmp_path / f"{isa}.pt")
+    nans = torch.cat([r.view(torch.float16).isnan().view(-1) for r in results["scalar"]])
+    assert nans.any() and not nans.all()
+    for isa in ("avx2", "avx512"):
+        assert all(torch.equal(a, b) for a, b in zip(results[isa], results["scalar"], strict=True)), isa
+
+
 def test_uncapped_cpu_kernels_take_the_best_path_this_cpu_has():
     """$ROBUST_OPS_CPU_ISA unset or empty: AVX-512 where the CPU has it, else AVX2, else scalar -- what
     torch.ops.robust_ops._cpu_vector_isa() says and the benchmarks record (a cap applied when none was asked for, or
