@@ -3651,8 +3651,8 @@ def test_a_ctrl_c_after_the_command_returned_keeps_its_status_and_prints_no_trac
     real = cli._sigterm_as_interrupt
 
     @contextlib.contextmanager
-    def interrupted_as_it_closes():  # a Ctrl-C as main's signal context closes, after _main returned
-        with real() as state:
+    def interrupted_as_it_closes(state=None):  # a Ctrl-C as main's signal context closes, after _main returned
+        with real(state) as state:
             yield state
             raise KeyboardInterrupt
 
@@ -3671,13 +3671,38 @@ def test_a_ctrl_c_as_main_opens_its_signal_context_is_an_interrupt(capsys, monke
     import contextlib
 
     @contextlib.contextmanager
-    def interrupted_as_it_opens():
+    def interrupted_as_it_opens(state=None):
         raise KeyboardInterrupt
         yield  # noqa: unreachable; makes this a generator
 
     monkeypatch.setattr(cli, "_sigterm_as_interrupt", interrupted_as_it_opens)
     rc, said, err = run(["bench", "--list"], capsys)
     assert (rc, said, err.strip()) == (130, "", "robust-ops: interrupted")
+
+
+def test_a_sigterm_as_main_opens_its_signal_context_exits_143(capsys, monkeypatch):
+    """A SIGTERM that arrived once the context's SIGTERM handler was set, before its ``with`` had bound what it yields,
+    ended as a Ctrl-C (the handler marked the context's own state, not main's): status 130, not 143, and the handler
+    stayed installed after main returned. Now 143, and the caller's handlers are back."""
+    import os
+    import signal
+    import types
+
+    def set_handler(signum, handler):  # the context sets its SIGTERM handler, then one arrives
+        previous = signal.signal(signum, handler)
+        if signum == signal.SIGTERM and handler is not before[0]:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs (and raises) before the call returns
+        return previous
+
+    class Signal(types.SimpleNamespace):  # cli's signal module, but for its signal
+        def __getattr__(self, name):
+            return getattr(signal, name)
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(cli, "signal", Signal(signal=set_handler))
+    rc, said, err = run(["bench", "--list"], capsys)
+    assert (rc, said, err.strip()) == (143, "", "robust-ops: interrupted")
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 @pytest.mark.parametrize("signum,status", [("SIGTERM", 143), ("SIGINT", 130)])

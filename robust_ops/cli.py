@@ -2671,14 +2671,17 @@ def build_parser():
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
+def _sigterm_as_interrupt(state=None):
     """SIGTERM (`kill`, a batch scheduler's stop) ends a command as Ctrl-C does -- the finished epochs' checkpoint
     kept, a message saying how to continue -- instead of silently; ``state["terminated"]`` tells main to exit 143.
+    ``state`` (a dict, or None for a new one) is the caller's, so a SIGTERM met before the ``with`` binds what this
+    yields, as its handler is being set up, still reads as one.
     After the command's first interrupt a SIGTERM raises nothing, and under torchrun neither does the next Ctrl-C:
     torchrun forwards the signal it got to its workers, which a terminal's Ctrl-C (or a scheduler's SIGTERM to the
     job's processes) reached already, and that second KeyboardInterrupt, met in a garbage-collector callback as the
     worker stopped, printed an `Exception ignored` traceback. A further Ctrl-C raises, to force the stop."""
-    state = {"terminated": False, "interrupts": 0}
+    state = {} if state is None else state
+    state.update(terminated=False, interrupts=0)
     if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
         yield state
         return
@@ -2695,12 +2698,13 @@ def _sigterm_as_interrupt():
         if not 1 < state["interrupts"] <= 1 + forwarded:
             signal.default_int_handler(signum, frame)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.getsignal(signal.SIGTERM)
     # a caller's own Ctrl-C handler (or SIG_IGN, a background job's) stays: only Python's default one is followed
     previous_int = signal.getsignal(signal.SIGINT)
-    if previous_int is signal.default_int_handler:
-        signal.signal(signal.SIGINT, ctrl_c)
-    try:
+    try:  # from the first handler set: a signal before the yield also finds the caller's handlers restored
+        signal.signal(signal.SIGTERM, interrupt)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, ctrl_c)
         yield state
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -2772,9 +2776,10 @@ def main(argv=None):
     line on stderr), 130 when interrupted (a Ctrl-C after the command returned keeps its status), 143 on SIGTERM, 141
     when the reader of its output left; ``--help`` and ``--version`` raise SystemExit(0), as argparse does.
     ``robust-ops`` and ``python -m robust_ops`` call it."""
-    status, sigterm = None, {"terminated": False}  # a Ctrl-C as the signal context opens finds them set
+    # a Ctrl-C or SIGTERM as the signal context opens finds them set: the context marks a SIGTERM in this dict
+    status, sigterm = None, {"terminated": False}
     try:
-        with _sigterm_as_interrupt() as sigterm:
+        with _sigterm_as_interrupt(sigterm):
             try:
                 status = _main(argv)
             except BrokenPipeError:  # here, not in _main: also one met while _main printed an error or interrupt line
