@@ -2606,6 +2606,26 @@ def test_out_that_is_a_link_to_nowhere_fails_first(trained_run, tmp_path, capsys
     assert (tmp_path / "not-yet" / "results.json").is_file()
 
 
+def test_out_that_is_a_link_loop_is_called_one(tmp_path, capsys):
+    """--out out where out -> out2 -> out was refused as 'it is a link to out2, which does not exist; make that
+    folder first' (out2 is there, a link), and --out out/run as 'out/run: Too many levels of symbolic links', with no
+    flag named: both now say the links are a loop, in one line naming --out, before any work."""
+    from robust_ops._files import out_dir_problem
+
+    (tmp_path / "out").symlink_to("out2")
+    (tmp_path / "out2").symlink_to("out")
+    (tmp_path / "self").symlink_to("self")
+    words = "the links lead back to themselves, not to a folder; point one of them at a folder or remove it"
+    for out, problem in ((tmp_path / "out", "it is a link loop ({} -> out2 -> out)"),
+                         (tmp_path / "out" / "run", "{} is a link loop ({} -> out2 -> out)")):
+        rc, stdout, err = run(["train", "--epochs", "1", "--device", "cpu", "--out", out], capsys)
+        link = tmp_path / "out"
+        one_line_error(rc, err, f"--out: {out}: {problem.format(link, link)}: {words}")
+        assert "training" not in stdout
+    assert out_dir_problem(tmp_path / "self") == f"it is a link loop ({tmp_path / 'self'} -> self): {words}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out2", "self"]
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nobody can make a folder")
 def test_out_that_cannot_be_written_fails_first(trained_run, tmp_path, capsys, monkeypatch):
     # used to fail with a traceback only when the results were written: eval after every attack, bench after the

@@ -1,6 +1,7 @@
 """Files written so that a crash or an interrupt (a notebook's KeyboardInterrupt) never leaves half of one."""
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -95,6 +96,9 @@ def out_dir_problem(out_dir, staged=True):
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         return NOT_A_FOLDER
+    loop = _link_loop(out)
+    if loop is not None:  # pathlib's exists() reads it as missing: "does not exist", or ELOOP once the work was done
+        return loop
     if out.is_symlink() and not out.exists():  # mkdir cannot follow it: "File exists" once the work was done
         return f"it is a link to {os.readlink(out)}, which does not exist; make that folder first"
     above = next((p for p in out.parents if p.exists()), None)
@@ -110,6 +114,36 @@ def out_dir_problem(out_dir, staged=True):
             problem.errno = err.errno
             return problem
     return None
+
+
+def _link_loop(path):
+    """Words for ``path`` (or a folder above it) being links that lead back to themselves, never to a file or folder
+    (out -> out2 -> out): ``"it is a link loop (out -> out2 -> out); ..."``; None where following them ends."""
+    if not _loops(path):
+        return None
+    place = next((p for p in (*reversed(Path(path).parents), Path(path)) if _loops(p)), Path(path))
+    chain, seen, link = [str(place)], {os.path.abspath(place)}, place
+    while link.is_symlink() and len(chain) <= 40:  # the kernel's own limit on links followed
+        target = os.readlink(link)
+        chain.append(target)
+        link = link.parent / target
+        if os.path.abspath(link) in seen:
+            break
+        seen.add(os.path.abspath(link))
+    else:  # a loop through a folder above a link, not link to link: the kernel's words
+        chain = [str(place), "..."]
+    who = "it is" if place == Path(path) else f"{place} is"
+    return f"{who} a link loop ({' -> '.join(chain)}): the links lead back to themselves, not to a folder; " \
+           f"point one of them at a folder or remove it"
+
+
+def _loops(path):
+    """Whether following ``path``'s links meets a loop (the kernel's ELOOP)."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        return err.errno == errno.ELOOP
+    return False
 
 
 def _hold_lock(fd):
