@@ -1897,21 +1897,29 @@ def test_run_protocol_takes_a_protocols_name(tmp_path, capsys):
 def test_run_protocol_checks_its_counts_and_lr_as_the_command_does(tmp_path, capsys, given, said):
     """run_protocol skipped the checks `robust-ops reproduce` makes: lr=0 trained every run at lr 0, epochs=0 trained
     the protocol's epochs, seeds=-1 was an AttributeError, and batch_size=0, lr=nan or dist_timeout=0 failed inside
-    the first run's fit, its folder made. Each is the command's one-line error, before anything is written."""
+    the first run's fit, its folder made. Each is the command's rule, before anything is written: a ValueError naming
+    the argument for a Python caller (it was the command's CLIError naming the flag, '--lr: ...', for lr=-1 too), the
+    flag's one line for the command."""
     from robust_ops.cli import CLIError
     from robust_ops.reproduce import run_protocol
 
+    (arg, value), = given.items()
+    flag, problem = said.split(": ", 1)
     options = dict(epochs=1, seeds=1) | given
-    with pytest.raises(CLIError, match=f"^{re.escape(said)}$"):
+    with pytest.raises(ValueError, match=f"^run_protocol: {arg}: {re.escape(problem)}$") as raised:
         run_protocol("arfl-moons", out=tmp_path / "r", quick=True, progress=False, **options)
+    assert isinstance(raised.value, CLIError) and raised.value.command_words == said
     assert list(tmp_path.iterdir()) == [] and capsys.readouterr().out == ""
+    rc, _, err = run(["reproduce", "arfl-moons", "--quick", "--out", tmp_path / "r", flag, value], capsys)
+    one_line_error(rc, err, f"robust-ops reproduce: error: {flag}: expected ")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_run_protocol_checks_its_out_as_the_command_does(tmp_path, capsys):
     """run_protocol skipped the --out checks of `robust-ops reproduce`: an out that was a file, a link to a folder not
     made yet or /proc/x ended in a bare OSError ('[Errno 20] Not a directory: .../afile/runs-quick/...', '[Errno 17]
-    File exists'), and a train RUN_DIR took the protocol's results beside its run. Each is the command's error."""
-    from robust_ops.cli import CLIError
+    File exists'), and a train RUN_DIR took the protocol's results beside its run. Each is the command's error,
+    naming the argument out (the command names --out)."""
     from robust_ops.reproduce import run_protocol
 
     (tmp_path / "afile").write_text("x")
@@ -1923,7 +1931,7 @@ def test_run_protocol_checks_its_out_as_the_command_does(tmp_path, capsys):
                                          "not exist; make that folder first"),
                       (tmp_path / "run", f"--out: {tmp_path / 'run'} holds a training run (run.json: a train --out), "
                                          "not reproduce's results; choose another --out for reproduce")):
-        with pytest.raises(CLIError, match=f"^{re.escape(said)}$"):
+        with pytest.raises(ValueError, match=f"^run_protocol: out: {re.escape(said.split(': ', 1)[1])}$"):
             run_protocol("arfl-moons", out=out, quick=True, epochs=1, seeds=1, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "lnk", "run"]
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["run.json"] and capsys.readouterr().out == ""

@@ -38,6 +38,18 @@ class CLIError(Exception):
     """A user error: printed as one line ``robust-ops <command>: error: <message>``, exit status 2."""
 
 
+class ArgumentError(CLIError, ValueError):
+    """A command's ``--flag: <problem>`` CLIError met by a Python function that takes the flag as an argument (a
+    ValueError): its text is in the function's words, ``<func>: <arg>: <problem>`` (``run_protocol: lr: expected a
+    finite learning rate > 0, got -1``); ``command_words`` keeps the command's line (``--lr: ...``), which main
+    prints."""
+
+    def __init__(self, func, err):
+        self.command_words = str(err)
+        flag, problem = self.command_words.split(": ", 1)
+        super().__init__(f"{func}: {flag.lstrip('-').replace('-', '_')}: {problem}")
+
+
 class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         # no prefixes of option names: reproduce's --seeds took a mistyped --seed 3 (train's RNG seed) as 3 seeds
@@ -2856,7 +2868,7 @@ def _main(argv):
             _allow_download = False
         return done
     except CLIError as err:
-        message = str(err)
+        message = getattr(err, "command_words", str(err))
         if prefix != PROG and message.endswith(f"(see {PROG} --help)"):
             # argparse reports a subcommand's unknown options from the top-level parser: point at the command's help
             message = message[: -len(f"(see {PROG} --help)")] + f"(see {prefix} --help)"

@@ -844,7 +844,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     by the model's weights, the test set and the attack plan, and reused when all three are unchanged (a resumed
     protocol does not re-attack the finished folds); ``reevaluate=True`` ignores them."""
     from . import defenses, report
-    from .cli import (CLIError, binary_only_error, check_count, check_optimiser_options, check_out,
+    from .cli import (ArgumentError, CLIError, binary_only_error, check_count, check_optimiser_options, check_out,
                       checked_dist_timeout, checkpoint_epochs, data_spec, is_main_process, load_data,
                       refuse_train_folder, resume_conflict, run_record, train_run, write_results_to_out)
     from .evaluate import evaluate
@@ -867,12 +867,15 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             raise ValueError(f"run_protocol: expected {arg} to be an integer >= 1 or None, got {value!r}")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, numbers.Real)):  # lr=True: run.json's lr true
         raise ValueError(f"run_protocol: expected lr to be a number > 0 or None, got {lr!r}")
-    check_out(out)
-    refuse_train_folder(out, f"reproduce {protocol.name}")
-    check_count("--epochs", epochs)
-    check_count("--seeds", seeds)
-    check_optimiser_options(batch_size, lr)
-    checked_dist_timeout(dist_timeout)
+    try:  # a Python caller reads its argument's name (run_protocol: lr: ...), the command its flag (--lr: ...)
+        check_out(out)
+        refuse_train_folder(out, f"reproduce {protocol.name}")
+        check_count("--epochs", epochs)
+        check_count("--seeds", seeds)
+        check_optimiser_options(batch_size, lr)
+        checked_dist_timeout(dist_timeout)
+    except CLIError as err:
+        raise ArgumentError("run_protocol", err) from None
     q = protocol.quick if quick else {}
     chosen = pick_methods(protocol, methods)
     data = data_spec(data or protocol.data)  # as run.json records it (results.json, the DATA note): not as typed
