@@ -1497,6 +1497,39 @@ def test_train_timed_out_after_a_checkpoint_says_to_resume(small_npz, tmp_path, 
                          "continue with the same command and --resume"), line
 
 
+@pytest.mark.parametrize("world", ["2", "1"])
+def test_train_whose_other_process_was_killed_says_so_and_to_resume(small_npz, tmp_path, monkeypatch, capsys, world):
+    """Under torchrun, a process killed outright (kill -9 of one worker, measured with 2 gloo processes) records
+    nothing, and the survivor's collective failed with gloo's RuntimeError: a 60-line traceback ending 'Read error
+    [127.0.0.1]:23966: Connection reset by peer. This is typically caused by a remote worker hanging ... GLHF!', with
+    no word of the checkpoint kept (the run resumed bitwise exact). It is one line saying another process is gone and
+    how to continue; in one process such an error is no peer's and keeps its traceback."""
+    from robust_ops import train as trainer
+
+    def peer_killed(*args, out_dir=None, **kwargs):
+        (Path(out_dir) / "checkpoint.pt").write_bytes(b"")
+        raise RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+                           "[127.0.0.1]:23966: Connection reset by peer. This is typically caused by a remote worker "
+                           "hanging or bugs in the application.")
+
+    monkeypatch.setattr(trainer, "fit", peer_killed)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_npz, "--model", "mlp", "--out", out, "--no-progress", "--device", "cpu"]
+    if world == "1":
+        with pytest.raises(RuntimeError, match="Connection reset by peer"):
+            run(argv, capsys)
+        return
+    rc, _, err = run(argv, capsys)
+    line = one_line_error(rc, err, f"robust-ops train: error: {out}: training failed: another process of the run is "
+                                   "gone (killed: SIGKILL, the out-of-memory killer; interrupted alone; or stopped by "
+                                   "an error it printed; torchrun's summary names its rank), which stopped this one "
+                                   "(gloo: Connection reset by peer)")
+    assert line.endswith(f"; {out / 'checkpoint.pt'} holds the last epoch saved: once fixed, continue with the same "
+                         "command and --resume"), line
+
+
 def test_train_with_the_same_seed_gives_the_same_weights(small_npz, tmp_path, capsys):
     states = []
     for name in ("a", "b"):

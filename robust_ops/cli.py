@@ -1282,6 +1282,16 @@ def resume_record_file(out):
     return out / RUN_FILE if (out / RUN_FILE).is_file() else out / CHECKPOINT
 
 
+def _peer_lost(err):
+    """Under torchrun, gloo's words (``Connection reset by peer``) where ``err`` is the error of a collective whose
+    other process is gone without recording an error for fit to read (killed outright: SIGKILL, the out-of-memory
+    killer); None for any other error, which keeps its own words or traceback."""
+    import re
+
+    found = re.search(r"Connection (?:reset|closed) by peer", str(err)) if isinstance(err, RuntimeError) else None
+    return found.group(0) if found and "gloo" in str(err) and launched_processes() > 1 else None
+
+
 def is_main_process():
     """Whether this process prints and writes RUN_DIR's files: rank 0 of a torchrun launch (or of a process group
     already initialized), or the only process. The others train their share only: the same lines printed by each,
@@ -1438,8 +1448,9 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
         # CollectiveTimeoutError: under torchrun, this process gave up waiting for a hung (or dead) one
         # stopped_by_another_process: under torchrun, another process's failure stopped this one (named there)
         except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError) as err:
+            lost = _peer_lost(err)
             if isinstance(err, RuntimeError) and not isinstance(err, trainer.CollectiveTimeoutError) \
-                    and not trainer.stopped_by_another_process(err):
+                    and not trainer.stopped_by_another_process(err) and not lost:
                 raise  # a bug's: its traceback shows where
             if resumed and _file_stamp(ckpt) == resumed:  # no epoch written under this command's run.json
                 if previous is None:
@@ -1458,7 +1469,7 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
             kept = (f"; {ckpt} holds the last epoch saved: once fixed, continue with the same command"
                     f"{'' if resume else ' and --resume'}"
                     if (isinstance(err, (OSError, trainer.CollectiveTimeoutError))
-                        or trainer.stopped_by_another_process(err)) and ckpt.is_file() else "")
+                        or trainer.stopped_by_another_process(err) or lost) and ckpt.is_file() else "")
             if isinstance(err, trainer.UnreadableCheckpointError):  # the checkpoint --resume reads: no way through it
                 kept = ("; the run cannot continue from it: put back a good copy of it, or train again from the "
                         "start (without --resume)")
@@ -1469,6 +1480,10 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                 err = err.reworded("--batch-size", "the training split")
             if isinstance(err, trainer.CollectiveTimeoutError):
                 err = err.reworded("--dist-timeout")
+            if lost:
+                err = (f"another process of the run is gone (killed: SIGKILL, the out-of-memory killer; interrupted "
+                       f"alone; or stopped by an error it printed; torchrun's summary names its rank), which stopped "
+                       f"this one (gloo: {lost})")
             raise CLIError(f"{out}: training failed: {err}{kept}") from None
         return result.model if getattr(result, "model", None) is not None else model, splits, run, result
 
