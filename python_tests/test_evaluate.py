@@ -2547,8 +2547,11 @@ def test_write_results_checks_its_info_flags_and_texts_as_evaluate_does(tmp_path
               r"info: expected the dataset's DatasetInfo \(load_dataset\(...\).info\), got dict"),
              ({"figures": "no"}, "figures", r"write_results: expected figures to be True or False, got 'no'"),
              ({"extra_markdown": 3}, "extra_markdown",
-              r"write_results: expected extra_markdown to be a string or None, got 3"),
-             ({"title": ["T"]}, "title", r"write_results: expected title to be a string or None, got \['T'\]")]
+              r"write_results: expected extra_markdown to be a string or None, got 3; give the Markdown as text, "
+              r"such as extra_markdown='3', or None for none"),
+             ({"title": ["T"]}, "title", r"write_results: expected title to be a string or None, got \['T'\]; give "
+                                         r"report.md's heading as text, such as title='...', or None for 'Robustness "
+                                         r"evaluation'")]
     for kwargs, arg, want in cases:
         kwargs = {"info": INFO, **kwargs}
         with pytest.raises(EvalError, match=f"^{want}$") as err:
@@ -2556,6 +2559,25 @@ def test_write_results_checks_its_info_flags_and_texts_as_evaluate_does(tmp_path
         assert err.value.arg == arg and not (tmp_path / arg).exists()
     out = write_results(tmp_path / "ok", [row], INFO, figures=False, title="T", extra_markdown="x")
     assert out["figures"] == [] and out["report"].read_text().startswith("# T\n")
+
+
+def test_write_results_refusal_of_a_title_that_is_no_text_says_how_to_give_it(tmp_path):
+    """write_results(title=3) wrote the heading "# 3" until 70b2765 refused it as the docs say (title: text or None),
+    with "write_results: expected title to be a string or None, got 3" and no word of the fix (found by the api3
+    helper). The refusal now says how to give it, as the number's text; Markdown lines (a list) get "join them"."""
+    row = dict(method="A", attack="none", norm=None, eps=0.0, n=4, accuracy=1.0)
+    cases = [({"title": 3}, "title", "got 3; give report.md's heading as text, such as title='3', or None for "
+                                     "'Robustness evaluation'"),
+             ({"title": 2.5}, "title", "got 2.5; give report.md's heading as text, such as title='2.5', or None"),
+             ({"extra_markdown": ["a", "b"]}, "extra_markdown",
+              "got ['a', 'b']; join its lines into one text: extra_markdown='\\n'.join(lines)")]
+    for kwargs, arg, want in cases:
+        with pytest.raises(EvalError, match=re.escape(want)) as err:
+            write_results(tmp_path / arg, [row], INFO, figures=False, **kwargs)
+        assert err.value.arg == arg and str(err.value).startswith(f"write_results: expected {arg} to be a string")
+        assert not (tmp_path / arg).exists()
+    text = write_results(tmp_path / "ok", [row], INFO, figures=False, title=str(3))["report"].read_text()
+    assert text.startswith("# 3\n")
 
 
 def test_write_results_refuses_an_out_dir_it_cannot_write_before_any_figure(tmp_path, monkeypatch):
