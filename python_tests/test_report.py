@@ -201,6 +201,24 @@ def test_markdown_table_of_no_rows_says_so():
     assert report.markdown_table([]) == "(no rows)"
 
 
+def test_paper_table_reads_a_paper_rows_attack_and_norm_in_any_case():
+    """A paper row written as the papers (and reproduce's paper rows) write it, attack "FGSM" or norm "Linf", found no
+    row of evaluate's, whose attack reads "fgsm" and norm "linf" (evaluate takes "FGSM" as fgsm): its "ours" cells read
+    "–", as for a method not run (found by the api3 helper). They are now matched in any case; an exact name is
+    taken first, and a paper row whose method was not run keeps its line with "–" (docs/design.md)."""
+    rows = [{"method": "AT", "attack": a, "norm": "linf", "eps": 1 / 255, "n": 4, "accuracy": acc}
+            for a, acc in (("fgsm", 0.625), ("pgd", 0.5))]
+    paper = [{"method": "AT", "attack": "FGSM", "eps": 1 / 255, "source": "T1", "accuracy": 0.7},
+             {"method": "AT", "attack": "pgd", "norm": "Linf", "eps": 1 / 255, "source": "T1", "accuracy": 0.6},
+             {"method": "MIRST-DM", "attack": "pgd", "eps": 1 / 255, "source": "T1", "accuracy": 0.8}]
+    lines = report.paper_comparison_table(rows, paper, ["accuracy"]).splitlines()[2:]
+    assert lines == ["| AT | FGSM | 1/255 | T1 | 0.700 | 0.625 |", "| AT | pgd | 1/255 | T1 | 0.600 | 0.500 |",
+                     "| MIRST-DM | pgd | 1/255 | T1 | 0.800 | – |"]
+    # a label of ours in that very case wins over one in another case
+    rows.append(dict(rows[0], attack="FGSM", accuracy=0.25))
+    assert report.paper_comparison_table(rows, paper[:1], ["accuracy"]).splitlines()[2].endswith("| 0.250 |")
+
+
 def test_paper_table_takes_our_row_at_the_paper_rows_radius():
     # ours are looked up by eps to 6 decimals: 1/255 and 2/255 (0.0039, 0.0078) are two radii, each paper row gets
     # the value at its own

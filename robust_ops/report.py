@@ -276,8 +276,8 @@ def _paper_match(candidates, paper_row):
     row's (two of ours that agree to 6 decimals, 0.0039216 and 0.0039219, both matched it, and the last one's value
     stood beside each); a ValueError when rows of several norms match and the paper row does not say which (the
     last one would silently win)."""
-    if "norm" in paper_row:
-        candidates = [r for r in candidates if r.get("norm") == paper_row["norm"]]
+    if "norm" in paper_row:  # "Linf" is "linf", as the attacks read a norm
+        candidates = [r for r in candidates if _folded(r.get("norm")) == _folded(paper_row["norm"])]
     if candidates:
         nearest = min(abs(r["eps"] - paper_row["eps"]) for r in candidates)
         candidates = [r for r in candidates if abs(r["eps"] - paper_row["eps"]) == nearest]
@@ -288,23 +288,35 @@ def _paper_match(candidates, paper_row):
     return candidates[-1] if candidates else {}
 
 
+def _folded(name):
+    """``name`` as paper_comparison_table compares attacks and norms: case folded (None stays None)."""
+    return name.casefold() if isinstance(name, str) else name
+
+
 def paper_comparison_table(ours, paper, metric_columns):
     """Published numbers beside ours. ``paper`` rows: {method, attack, eps, source, <metric>: value[, norm]}; ours are
-    looked up by (method, attack, eps[, norm]) and shown as mean ± std when several seeds or folds were run, with
-    "(k of n runs)" when the metric was undefined (NaN) in some of them. ``metric_columns``: the metric names to
-    compare, each a column pair (paper, ours), or one string of comma-separated names; a name that is no metric's
-    and that no row of ours or the paper's holds (``"acc"``) is a ValueError."""
+    looked up by (method, attack, eps[, norm]), the attack and norm in any case ("FGSM", "Linf"), and shown as mean
+    ± std when several seeds or folds were run, with "(k of n runs)" when the metric was undefined (NaN) in some of
+    them. A paper row without a row of ours (a method not run, or not under that attack, radius or norm) keeps its
+    line, each "ours" cell "–", as is an undefined value of ours: the published numbers stand whatever was run.
+    ``metric_columns``: the metric names to compare, each a column pair (paper, ours), or one string of
+    comma-separated names; a name that is no metric's and that no row of ours or the paper's holds (``"acc"``) is a
+    ValueError."""
     metric_columns = _metric_list("paper_comparison_table", metric_columns, [*ours, *paper]) or []
-    index = {}
+    index, folded = {}, {}
     for r in ours:
         index.setdefault((r["method"], r["attack"], round(r["eps"], 6)), []).append(r)
+        folded.setdefault((r["method"], _folded(r["attack"]), round(r["eps"], 6)), []).append(r)
     head = ["method", "attack", "ε", "paper source"]
     for m in metric_columns:
         head += [f"{METRIC_LABELS.get(m, m)} (paper)", f"{METRIC_LABELS.get(m, m)} (ours)"]
     lines = [_table_line(head), "|" + "---|" * len(head)]
     radii = _radii(paper)
     for p in paper:
-        r = _paper_match(index.get((p["method"], p["attack"], round(p["eps"], 6)), []), p)
+        # an attack named in other case ("FGSM", as the papers and reproduce's paper rows write it; evaluate's rows
+        # read "fgsm") is that attack, as evaluate reads its names: its row of ours read "–" as if not run
+        key = (p["method"], p["attack"], round(p["eps"], 6))
+        r = _paper_match(index.get(key) or folded.get((key[0], _folded(key[1]), key[2]), []), p)
         cells = [p["method"], _attack_label(p["attack"]), format_eps(p["eps"], radii),
                  p.get("source", "")]
         for m in metric_columns:
