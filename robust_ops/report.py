@@ -451,10 +451,14 @@ def _figure(rows, cols, figsize, **kwargs):
 
 
 def _save(fig, path):
+    """Write ``fig`` at ``path``: in the format its suffix names (".pdf", ".svg"), a PNG without one. A path without
+    a suffix ("fig") was written to "fig.png" (matplotlib appends its default format) while True said it was at
+    "fig", and a file object (io.BytesIO) got whatever format rcParams["savefig.format"] names."""
     _wrap_titles(fig)
     fig.tight_layout()
     _hide_overlapping_tick_labels(fig)
-    fig.savefig(path, dpi=110)
+    suffix = os.path.splitext(os.fspath(path))[1] if isinstance(path, (str, bytes, os.PathLike)) else ""
+    fig.savefig(path, dpi=110, format=None if suffix else "png")
 
 
 def _hide_overlapping_tick_labels(fig):
@@ -560,7 +564,8 @@ def _figure_info(name, info):
 
 def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
     """One panel per (attack, norm), one line per method: ``metric`` against the radius (clean value at eps = 0),
-    from ``rows`` (evaluate's result dicts), saved as a PNG at ``path``. ``info``: the DatasetInfo, for the axis
+    from ``rows`` (evaluate's result dicts), saved as a PNG at ``path`` (a name or a file object; a suffix such as
+    ".pdf" names another format). ``info``: the DatasetInfo, for the axis
     label's class name (sensitivity of "malignant") and a synthetic-data tag; None (default): neither. Returns True
     when the figure was written.
     A mean row (reproduce) with a ``<metric>_std`` gets a ±1 std error bar, and one that is the mean of only k of
