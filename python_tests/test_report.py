@@ -1099,6 +1099,26 @@ def test_per_class_recall_table_reads_one_string_as_comma_separated_class_names(
         report.per_class_recall_table(rows, "xy")
 
 
+def test_per_class_recall_table_takes_the_class_names_of_a_dataset_info_or_a_label_to_name_dict():
+    """per_class_recall_table(rows, data.info) stopped with "TypeError: 'DatasetInfo' object is not iterable", None
+    with "'NoneType' object is not iterable", results.json's dataset dict was refused as "got 9 class names" (its
+    keys), and {0: "malignant", 1: "benign"} headed the columns "0" and "1" without a word (found by the api3
+    helper). The DatasetInfo and the dataset dict give their class_names, a {label: name} dict its names in label
+    order; another dict or no iterable is a ValueError saying what to give."""
+    rows = [{"method": "A", "attack": "none", "norm": None, "eps": 0.0, "n": 4, "confusion": [[1, 1], [0, 2]]}]
+    info = DatasetInfo("d", 2, 1, 8, ("malignant", "benign"), positive_class=0)
+    want = report.per_class_recall_table(rows, ["malignant", "benign"])
+    assert want.splitlines()[0].endswith("| malignant | benign |")
+    for names in (info, info.to_dict(), {1: "benign", 0: "malignant"}, {"0": "malignant", "1": "benign"},
+                  np.array(["malignant", "benign"])):
+        assert report.per_class_recall_table(rows, names) == want
+    for names, got in ((None, "got None"), ({"a": 1, "b": 2}, "got a dict of keys 'a', 'b'; give a list, or "
+                                                              "{label: name} for labels 0 to K-1")):
+        with pytest.raises(ValueError, match=r"^per_class_recall_table: expected class_names to be one name per "
+                                             r"class, label 0 first.*" + re.escape(got)):
+            report.per_class_recall_table(rows, names)
+
+
 def test_markdown_report_embeds_one_figure_given_as_a_string_once():
     """markdown_report(doc, figures="a.png") embedded the name letter by letter, ![a](a), ![.](.), ![p](p), ...
     (found by the api2 helper), as markdown_table read one metric's name before 6e2285d. One name is one figure."""

@@ -8,6 +8,7 @@ import os
 import re
 import textwrap
 from collections import Counter
+from collections.abc import Iterable
 from types import SimpleNamespace
 
 import torch
@@ -253,9 +254,26 @@ def per_class_recall_table(rows, class_names):
     column per class: the share of the class's samples predicted as it (its recall), "–" for a class without samples
     in the evaluated set. A multi-class report's macro averages do not show which classes an attack breaks.
     ``class_names``: one per class, label 0 first (or one string of comma-separated names, as --classes takes
-    them); another count than a row's confusion holds is a ValueError."""
+    them), or the DatasetInfo or results.json's ``dataset`` dict whose ``class_names`` they are; another count than
+    a row's confusion holds is a ValueError."""
     if isinstance(class_names, str):  # "benign,malignant" was counted letter by letter: "got 16 class names"
         class_names = [c.strip() for c in class_names.split(",") if c.strip()]
+    elif hasattr(class_names, "class_names"):  # data.info: "'DatasetInfo' object is not iterable"
+        class_names = class_names.class_names
+    elif isinstance(class_names, dict):
+        # its keys were the names: results.json's dataset dict gave "got 9 class names", {0: "malignant", 1: "benign"}
+        # columns "0" and "1"
+        if "class_names" in class_names:
+            class_names = class_names["class_names"]
+        elif sorted(map(str, class_names)) == sorted(map(str, range(len(class_names)))):  # labels, "0" as in JSON
+            class_names = [class_names.get(k, class_names.get(str(k))) for k in range(len(class_names))]
+        else:
+            raise ValueError(f"per_class_recall_table: expected class_names to be one name per class, label 0 first, "
+                             f"got a dict of keys {', '.join(map(repr, list(class_names)[:4]))}; give a list, or "
+                             "{label: name} for labels 0 to K-1")
+    elif not isinstance(class_names, Iterable):  # None: "'NoneType' object is not iterable"
+        raise ValueError(f"per_class_recall_table: expected class_names to be one name per class, label 0 first "
+                         f"(a list, or the DatasetInfo: data.info), got {class_names!r:.60}")
     head = ["method", "attack", "norm", "ε", "n"] + [str(c) for c in class_names]
     lines = [_table_line(head), "|" + "---|" * len(head)]
     with_counts = [r for r in rows if r.get("confusion") is not None]
