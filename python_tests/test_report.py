@@ -219,6 +219,16 @@ def test_paper_table_reads_a_paper_rows_attack_and_norm_in_any_case():
     assert report.paper_comparison_table(rows, paper[:1], ["accuracy"]).splitlines()[2].endswith("| 0.250 |")
 
 
+def test_paper_table_reads_a_paper_row_of_no_attack_as_our_clean_row():
+    """The tables name the clean rows (results.json's attack "none") "no attack", paper_comparison_table's own lines
+    too; a paper row written so, {AT, "no attack", 0}, found none of ours: "–", as for a method not run (found by the
+    api3 helper). It is now our clean row, in any case."""
+    rows = [{"method": "AT", "attack": "none", "norm": None, "eps": 0.0, "n": 4, "accuracy": 0.625}]
+    paper = [{"method": "AT", "attack": a, "eps": 0, "source": "T1", "accuracy": 0.7} for a in ("none", "No attack")]
+    lines = report.paper_comparison_table(rows, paper, ["accuracy"]).splitlines()[2:]
+    assert lines == ["| AT | no attack | 0 | T1 | 0.700 | 0.625 |", "| AT | No attack | 0 | T1 | 0.700 | 0.625 |"]
+
+
 def test_paper_table_takes_our_row_at_the_paper_rows_radius():
     # ours are looked up by eps to 6 decimals: 1/255 and 2/255 (0.0039, 0.0078) are two radii, each paper row gets
     # the value at its own

@@ -313,10 +313,11 @@ def _folded(name):
 
 def paper_comparison_table(ours, paper, metric_columns):
     """Published numbers beside ours. ``paper`` rows: {method, attack, eps, source, <metric>: value[, norm]}; ours are
-    looked up by (method, attack, eps[, norm]), the attack and norm in any case ("FGSM", "Linf"), and shown as mean
-    ± std when several seeds or folds were run, with "(k of n runs)" when the metric was undefined (NaN) in some of
-    them. A paper row without a row of ours (a method not run, or not under that attack, radius or norm) keeps its
-    line, each "ours" cell "–", as is an undefined value of ours: the published numbers stand whatever was run.
+    looked up by (method, attack, eps[, norm]), the attack and norm in any case ("FGSM", "Linf"; "no attack", the
+    tables' name of the clean rows, is "none"), and shown as mean ± std when several seeds or folds were run, with
+    "(k of n runs)" when the metric was undefined (NaN) in some of them. A paper row without a row of ours (a method
+    not run, or not under that attack, radius or norm) keeps its line, each "ours" cell "–", as is an undefined value
+    of ours: the published numbers stand whatever was run.
     ``metric_columns``: the metric names to compare, each a column pair (paper, ours), or one string of
     comma-separated names; a name that is no metric's and that no row of ours or the paper's holds (``"acc"``) is a
     ValueError."""
@@ -334,7 +335,9 @@ def paper_comparison_table(ours, paper, metric_columns):
         # an attack named in other case ("FGSM", as the papers and reproduce's paper rows write it; evaluate's rows
         # read "fgsm") is that attack, as evaluate reads its names: its row of ours read "–" as if not run
         key = (p["method"], p["attack"], round(p["eps"], 6))
-        r = _paper_match(index.get(key) or folded.get((key[0], _folded(key[1]), key[2]), []), p)
+        # "no attack", the tables' own name of the clean rows (results.json's "none"), read "–" too
+        attack = "none" if _folded(key[1]) == "no attack" else _folded(key[1])
+        r = _paper_match(index.get(key) or folded.get((key[0], attack, key[2]), []), p)
         cells = [p["method"], _attack_label(p["attack"]), format_eps(p["eps"], radii),
                  p.get("source", "")]
         for m in metric_columns:
