@@ -209,7 +209,6 @@ def test_a_csv_saved_under_another_name_is_told_the_rename(data, tmp_path, capsy
     assert not (tmp_path / "run").exists()
 
 
-
 def test_a_run_trained_on_rows_mixing_slashes_and_backslashes_evaluates_on_its_unchanged_csv(data, tmp_path, capsys):
     """A run trained before ids' "\\" were read as "/" recorded the digest of its ids as written; where the rows mix
     the two (images/case000.png on some, images\\case001.png on others) that digest is neither the "/" one nor the
@@ -234,6 +233,7 @@ def test_a_run_trained_on_rows_mixing_slashes_and_backslashes_evaluates_on_its_u
     _write(csv_path, ["image_id", "dx"], rows[1:] + rows[:1])
     rc, _, err = run(["eval", out, *attack], capsys)
     assert rc == 2 and "holds other images, names or row order than when the run was trained" in err, err
+
 
 def test_ids_saved_with_slashes_instead_of_backslashes_are_the_runs_own_data(data, tmp_path, capsys):
     """The image list's fingerprint hashed ids as written, so a run's own CSV saved again with images/case000.png for
@@ -260,6 +260,45 @@ def test_ids_saved_with_slashes_instead_of_backslashes_are_the_runs_own_data(dat
         rc, _, err = run(["eval", out, *attack], capsys)
         assert rc == 0, (recorded_as_written, err)
     assert run(train + ["--epochs", "2", "--resume"], capsys)[0] == 0
+    _write(csv_path, ["image_id", "dx"], slashed[1:] + slashed[:1])
+    rc, _, err = run(["eval", out, *attack], capsys)
+    assert rc == 2 and "holds other images, names or row order than when the run was trained" in err, err
+
+
+def test_ids_written_from_the_csvs_folder_or_with_doubled_slashes_are_the_runs_own_data(data, tmp_path, capsys):
+    """./images/case000.png, images//case000.png and images/case000.png name one file, yet hashed to three image-list
+    fingerprints, so a run's own CSV saved again with "./" before each id (as many tools write them) was refused by
+    eval as "holds other images, names or row order than when the run was trained" (found by the data6 helper). Ids
+    are hashed as the lookup reads them (pathlib's parts); the digests earlier runs recorded for the rows as written
+    are recorded too, and other rows still differ."""
+    from robust_ops.data import load_dataset
+    from robust_ops.data.folders import _samples_digest
+
+    slashed = [(i.replace("\\", "/"), lab.strip()) for i, lab in _windows_rows()]
+    csv_path = _write(data / "labels.csv", ["image_id", "dx"], slashed)
+    out = tmp_path / "run"
+    train = ["train", "--data", csv_path, "--size", "8", "--channels", "1", "--model", "mlp", "--no-progress",
+             "--device", "cpu", "--out", out]
+    assert run(train + ["--epochs", "1"], capsys)[0] == 0
+    attack = ["--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu", "--out", tmp_path / "e"]
+    for rows in ([("./" + i, lab) for i, lab in slashed], [(i.replace("/", "//"), lab) for i, lab in slashed]):
+        _write(csv_path, ["image_id", "dx"], rows)
+        rc, _, err = run(["eval", out, *attack], capsys)
+        assert rc == 0, (rows[0], err)
+    assert run(train + ["--epochs", "2", "--resume"], capsys)[0] == 0
+    # a run trained before on ./ ids recorded them as written: its own unchanged CSV is its data
+    dotted = [("./" + i, lab) for i, lab in slashed]
+    _write(csv_path, ["image_id", "dx"], dotted)
+    doc = json.loads((out / "run.json").read_text())
+    doc["dataset"]["samples_digest"] = _samples_digest(dotted)
+    (out / "run.json").write_text(json.dumps(doc))
+    assert run(["eval", out, *attack], capsys)[0] == 0
+    # Windows' .\images\case000.png: recorded from 2026-12-07 with its "\" as "/", before as written
+    _write(csv_path, ["image_id", "dx"], [(".\\" + i, lab) for i, lab in _windows_rows()])
+    extra = load_dataset(csv_path, size=8, channels=1).info.extra
+    assert extra["samples_digest_slashed"] == _samples_digest(dotted)
+    assert extra["samples_digest_backslashed"] == _samples_digest((".\\" + i, lab.strip()) for i, lab in
+                                                                   _windows_rows())
     _write(csv_path, ["image_id", "dx"], slashed[1:] + slashed[:1])
     rc, _, err = run(["eval", out, *attack], capsys)
     assert rc == 2 and "holds other images, names or row order than when the run was trained" in err, err

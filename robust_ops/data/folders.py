@@ -348,6 +348,12 @@ def _bit_depth_record(bit_depth):
     return {} if bit_depth is None else {"bit_depth": bit_depth}
 
 
+def _id_as_read(image_id):
+    """A CSV's image id as its lookup reads it: "\\" as "/", "./" and doubled "/" dropped (pathlib's parts), so
+    ./images/a.png, images//a.png and images\\a.png are images/a.png; a bare name stays as it is."""
+    return PurePosixPath(image_id.replace("\\", "/")).as_posix()
+
+
 def _samples_digest(samples):
     """A digest of the (name, class) pairs -- (name, class, group) for a grouped split -- in the order they are
     stacked: the seeded split cuts that order, so eval and resume compare it to find data that was reordered,
@@ -902,23 +908,32 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     _check_upscale(stats, csv_path, size, size_given, stacklevel)
     x, y = _stack(arrays, [label for _, label in kept])
 
-    def digest(id_as):  # ids' folders as "/": images\\a.png and images/a.png name one file
+    def digest(id_as):
         return _samples_digest((id_as(image_id), names[label], *([groups[image_id]] if group_column else []))
                                for image_id, label in kept)
 
+    as_read = {image_id: _id_as_read(image_id) for image_id, _ in kept}
+    recorded = {"samples_digest": digest(as_read.get)}
+    # the digests an earlier run recorded for these same rows, each kept where it differs from those before it
+    for key, id_as, wanted in (
+            # before ids' "\\" were read as "/" (2026-12-07): as written, which ids holding only "\\" are
+            ("samples_digest_backslashed", lambda image_id: image_id.replace("/", "\\"),
+             any("/" in i or "\\" in i for i, _ in kept)),
+            # as written: rows mixing "/" and "\\" (then), or ./a/b.png, a//b.png (ids normalized since)
+            ("samples_digest_as_written", str, any(as_read[i] != i for i, _ in kept)),
+            # from 2026-12-07 until ids were normalized: "\\" as "/", "./" and doubled "/" kept
+            ("samples_digest_slashed", lambda image_id: image_id.replace("\\", "/"),
+             any(as_read[i] != i.replace("\\", "/") for i, _ in kept))):
+        value = digest(id_as) if wanted else None
+        if value is not None and value not in recorded.values():
+            recorded[key] = value
     info = DatasetInfo(
         name=csv_path.stem, num_classes=len(names), in_channels=x.shape[1], image_size=size,
         class_names=tuple(names), positive_class=_positive(names), synthetic=False, source=str(csv_path),
         extra={"excluded_samples": sum(excluded.values()), "excluded_labels": excluded,
                "class_counts": {n: counts[n] for n in names},  # eval checks the data is unchanged
-               "samples_digest": digest(lambda image_id: image_id.replace("\\", "/")),
-               # a run trained before ids' "\\" were read as "/" recorded them as written: their digest, which eval
-               # and --resume accept too
-               **({"samples_digest_backslashed": digest(lambda image_id: image_id.replace("/", "\\"))}
-                  if any("/" in i or "\\" in i for i, _ in kept) else {}),
-               # ids mixing both (images/a.png on one row, images\\b.png on another): as written, neither of those
-               **({"samples_digest_as_written": digest(str)}
-                  if any("/" in i for i, _ in kept) and any("\\" in i for i, _ in kept) else {}),
+               # each id as the lookup reads it: images\\a.png, ./images/a.png and images//a.png name one file
+               **recorded,
                **_bit_depth_record(bit_depth),
                **({"split_by": group_column} if group_column else {})},  # image splits: records as before
     )
