@@ -93,6 +93,14 @@ def test_a_windows_export_trains_and_evaluates_with_each_image_under_its_label_o
     # written from the CSV's folder (.\\Images\\...): told to put the files under it again (found by the revB helper)
     ("case_dot", [f"{N} image(s) listed but not found under", "; .\\Images\\CASE000.PNG is images/case000.png in "
                   "other case -- write the ids as the files are named: their folders and names are matched in case"]),
+    # a bare name, or a path without its extension, in other case: the generic "put their image files under" the
+    # folder holding them (found by the data6 helper)
+    ("case_bare", ["1 image(s) listed but not found under", "e.g. CASE000.PNG; ", "; CASE000.PNG is case000.png in "
+                   "other case -- write the ids as the files are named: their folders and names are matched in case"]),
+    ("case_stem", ["1 image(s) listed but not found under", "e.g. CASE000; CASE000 is case000 in other case -- write "
+                   "the ids as the files are named"]),
+    ("case_path_stem", ["1 image(s) listed but not found under", "; Images\\CASE000 is images/case000 in other "
+                        "case -- write the ids as the files are named"]),
     ("cp1252", ["not UTF-8 text (", "); save it as UTF-8"]),
     # named as UTF-16: "(invalid start byte at byte 0)" named no encoding to change (found by the data5 helper)
     ("utf16", ["not UTF-8 text (UTF-16, as Excel's \"Unicode Text\" saves it, tab-separated); save it as UTF-8, "
@@ -122,6 +130,10 @@ def test_an_export_that_cannot_be_read_is_one_line_naming_the_file_and_the_fix(d
     elif variant == "case_dot":
         _write(path, ["image_id", "dx"], [(".\\" + i.replace("images", "Images").replace("case000.png", "CASE000.PNG"),
                                            lab) for i, lab in rows])
+    elif variant.startswith("case_"):  # case000.png written CASE000.PNG, CASE000 or Images\CASE000
+        name = {"case_bare": "CASE000.PNG", "case_stem": "CASE000", "case_path_stem": "Images\\CASE000"}[variant]
+        _write(path, ["image_id", "dx"], [(name if k == 0 else i.split("\\")[-1], lab) for k, (i, lab) in
+                                          enumerate(rows)])
     elif variant == "cp1252":  # Excel's "CSV" in the machine's ANSI code page
         _write(path, ["image_id", "dx"], [(i, "B\u00e9nin") for i, _ in rows], encoding="cp1252", bom=False)
     elif variant == "utf16":  # Excel's "Unicode Text"

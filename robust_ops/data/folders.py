@@ -302,17 +302,40 @@ def _images_by_stem(folder):
 
 def _path_in_other_case(root, rel):
     """The file under ``root`` that the relative path ``rel`` names in other case (Images/CASE000.PNG for
-    images/case000.png), as a path relative to ``root``, or None: each folder and the name compared casefolded."""
-    here = root
-    for part in PurePosixPath(rel).parts:  # ./Images/a.png and Images//a.png as read: "." and "" are no names
+    images/case000.png), as a path relative to ``root`` (without its extension where ``rel`` has none, as the lookup
+    reads images/CASE000), or None: each folder and the name compared casefolded."""
+    here, parts = root, PurePosixPath(rel).parts  # ./Images/a.png and Images//a.png as read: "." and "" are no names
+    bare = bool(parts) and PurePosixPath(parts[-1]).suffix.lower() not in IMAGE_SUFFIXES
+    for k, part in enumerate(parts):
+        stem = bare and k == len(parts) - 1  # the name without its extension
         try:
-            same = sorted(q for q in here.iterdir() if q.name.casefold() == part.casefold())
+            same = sorted(q for q in here.iterdir() if (q.stem if stem and q.suffix.lower() in IMAGE_SUFFIXES
+                                                        else q.name).casefold() == part.casefold())
         except OSError:
             return None
         if not same:
             return None
         here = same[0]
-    return here.relative_to(root).as_posix() if here.is_file() else None
+    if not here.is_file():
+        return None
+    found = here.relative_to(root)
+    return (found.with_suffix("") if bare else found).as_posix()
+
+
+def _names_in_other_case(root, names):
+    """The image file names under ``root`` that the ids ``names`` (holding no folder) name in other case
+    (CASE000.PNG for case000.png, CASE000 for case000.png: as written, with or without the extension), by id."""
+    wanted = {n.casefold(): n for n in names}
+    found = {}
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        for name in (p.name, p.stem):  # the name with its extension or without
+            n = wanted.get(name.casefold())
+            if n is not None and n not in found and (PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES) == \
+                    (name == p.name) and p.is_file() and not is_hidden(p, root):
+                found[n] = name
+    return found
 
 
 def _resolved(path, folders):
@@ -859,9 +882,12 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
         # the fix last: the count and examples alone left the user to guess whether to move files or edit the CSV
         fix = (f"put the image files (or the folders holding them) under {root}" if len(missing) == len(kept) else
                f"put their image files under {root}, or remove their rows from the CSV")
-        cased = next(((i, q) for i in missing[:3] if "/" in i or "\\" in i
-                      for q in [_path_in_other_case(root, i.replace("\\", "/"))] if q), None)
-        if cased:  # Images\CASE000.PNG for images/case000.png: "put the image files under" the folder holding them
+        names = _names_in_other_case(root, [i for i in missing[:3] if "/" not in i and "\\" not in i])
+        cased = next(((i, q) for i in missing[:3] for q in [names.get(i) if "/" not in i and "\\" not in i else
+                                                          _path_in_other_case(root, i.replace("\\", "/"))] if q),
+                     None)
+        if cased:  # Images\CASE000.PNG for images/case000.png, CASE000.PNG for case000.png: "put the image files
+            # under" the folder holding them (a bare name's until 2026-12-07)
             hint += f"; {cased[0]} is {cased[1]} in other case"
             fix = "write the ids as the files are named: their folders and names are matched in case"
         raise DataError(f"{csv_path}: {len(missing)} image(s) listed but not found under {root}, "
