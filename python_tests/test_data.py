@@ -591,6 +591,19 @@ def test_csv_labels_spelled_as_missing_values_are_said(tmp_path):
     assert s.info.extra["excluded_samples"] == 20
 
 
+@pytest.mark.parametrize("missing", ["None", "#NA", "-NaN", "#N/A N/A"])
+def test_csv_labels_spelled_as_the_other_missing_values_pandas_reads_are_said(tmp_path, missing):
+    """pandas' df.astype(str) writes a None label as 'None' (which pandas' read_csv reads back as missing, as it does
+    '#NA', '-NaN' and '#N/A N/A'): such labels became a class of their own without the word 'nan' and 'NA' get
+    (found by the data6 helper)."""
+    path = _ham(tmp_path, ["mel", "nv", missing] * 10)
+    with pytest.warns(UserWarning, match=rf"meta\.csv: column 'dx' holds {re.escape(repr(missing))} \(10 rows\): "
+                                         r"missing values \(as pandas writes NaN\), each read as a class of its own; "
+                                         r"fill in those rows' labels, or leave them out with classes= \(--classes "
+                                         r"mel,nv\)$"):
+        load_dataset(path, size=8)
+
+
 def test_csv_rows_naming_missing_images_are_told_the_fix(tmp_path):
     """Rows naming images that are not there were refused with their count and three ids, saying neither where the
     images go nor that the rows can go: the error now ends with the fix, for some rows missing and for all (found by

@@ -620,10 +620,12 @@ def _label_order(labels):
     return str
 
 
-# A label spelled as a missing value (pandas writes NaN so after df.astype(str); spreadsheets #N/A): said, for it
-# becomes a class of its own, where an empty label is refused. In a patient column it is no patient; in a column the
-# split groups by, one group (warned of)
-MISSING_LABELS = ("nan", "NaN", "-nan", "NA", "N/A", "n/a", "#N/A", "<NA>", "NULL", "null")
+# A label spelled as a missing value (pandas writes NaN so after df.astype(str), a None there as "None", pd.NA as
+# "<NA>"; R NA; spreadsheets #N/A; databases NULL; the rest of the strings pandas' read_csv reads as missing): said,
+# for it becomes a class of its own, where an empty label is refused. In a patient column it is no patient; in a
+# column the split groups by, one group (warned of)
+MISSING_LABELS = ("nan", "NaN", "-nan", "-NaN", "NA", "N/A", "n/a", "#N/A", "#N/A N/A", "#NA", "<NA>", "NULL", "null",
+                  "None")
 
 
 # The column load_csv's split_by="auto" groups by when the CSV has it: HAM10000 holds several images per lesion.
