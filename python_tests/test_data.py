@@ -1239,6 +1239,24 @@ def test_npz_integer_images_are_told_a_fix_that_keeps_their_values(tmp_path, dty
         assert len(torch.unique(x)) == len(np.unique(images["train_images"]))  # no two values merged
 
 
+def test_npz_complex_images_are_told_to_store_their_magnitude(tmp_path):
+    """Complex images (an MRI export's complex64) were told "convert them to uint8 (0-255) or to floats in [0, 1]",
+    whose astype(np.float32) keeps the real part alone, signed, with numpy's ComplexWarning; they are told to store
+    the magnitude, scaled on one top for every split, and that loads (found by the data6 helper)."""
+    rng = np.random.default_rng(3)
+    images = {f"{s}_images": (rng.normal(size=(k, 8, 8)) + 1j * rng.normal(size=(k, 8, 8))).astype(np.complex64)
+              for s, k in (("train", 12), ("val", 4), ("test", 6))}
+    with pytest.raises(DataError, match=r"i\.npz \[train\]: expected uint8 or float images, got dtype complex64; "
+                                        r"complex values \(MRI data\)\? store their magnitude as floats in \[0, 1\], "
+                                        r"np\.abs\(images\)\.astype\(np\.float32\) / top, top the largest magnitude "
+                                        r"of every split together \(k-space reconstructed into images first\)$"):
+        load_dataset(write_npz(tmp_path / "i.npz", shape=(8, 8), **images))
+    top = max(float(np.abs(v).max()) for v in images.values())
+    s = load_dataset(write_npz(tmp_path / "f.npz", shape=(8, 8), **{k: np.abs(v).astype(np.float32) / top
+                                                                    for k, v in images.items()}))
+    assert float(s.train.tensors[0].min()) >= 0 and float(s.test.tensors[0].max()) <= 1
+
+
 def test_integer_images_up_to_10_either_side_of_0_are_told_of_a_rounded_normalization(tmp_path):
     """_integer_images_fix's z-score rule reaches |value| 10 (mutation testing of e2ca6cc, mut54 helper: < 10 survived
     the tests' [-3, 3]); one past it is told of signed intensities."""

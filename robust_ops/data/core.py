@@ -213,6 +213,11 @@ def _integer_images_fix(images):
     generic = ": convert them to uint8 (0-255) or to floats in [0, 1]"
     if images.dtype == np.bool_:  # a mask: told the generic fix, its astype(np.uint8) is refused as binary (black)
         return f"; {BINARY_IMAGES_FIX}"
+    if np.issubdtype(images.dtype, np.complexfloating):  # MRI's complex images: the generic fix's astype(np.float32)
+        # keeps the real part alone (numpy's ComplexWarning), a signed part of the signal
+        return ("; complex values (MRI data)? store their magnitude as floats in [0, 1], np.abs(images).astype("
+                "np.float32) / top, top the largest magnitude of every split together (k-space reconstructed into "
+                "images first)")
     if not np.issubdtype(images.dtype, np.integer) or not images.size:
         return generic
     from ..attacks.context import HOUNSFIELD_WINDOWS, hounsfield_shift_fix, pixel_scale
