@@ -1325,6 +1325,37 @@ def test_12_bit_data_in_16_bit_files_is_said(tmp_path, top, step, bits, dark):
         load_dataset(tmp_path, size=8)
 
 
+def test_16_bit_data_in_a_narrow_band_far_from_0_is_said(tmp_path):
+    """CT slices in Hounsfield units saved as 16-bit PNGs with MATLAB's im2uint16 (which adds 32768 to int16) hold
+    [31744, 35839]: scaled from 65535 they loaded in 16 grey levels of 4096 without a word, too bright for the dark
+    set's warning (found by the data6 helper). Said, with the offset and bit depth that keep them, which load."""
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    for c in ("normal", "nodule"):
+        (tmp_path / "ct" / c).mkdir(parents=True)
+        for i in range(10):
+            hu = rng.integers(-1024, 3072, (8, 8))
+            hu[0, 0], hu[0, 1] = -1024, 3071  # air and the 12-bit top in each slice: the set's span is known
+            Image.fromarray((hu + 32768).astype(np.uint16)).save(tmp_path / "ct" / c / f"{i}.png")
+    with pytest.warns(UserWarning, match=r"ct: every 16-bit image holds values in \[31744, 35839\] only, an offset "
+                                         r"added to them, as MATLAB's im2uint16 adds 32768 to signed CT Hounsfield "
+                                         r"units \(12-bit data\?\); scaled from the full 16-bit range they keep 16 of "
+                                         r"256 grey levels -- save them with the offset subtracted, np\.clip\(image\."
+                                         r"astype\(np\.int32\) - 31744, 0, 4095\)\.astype\(np\.uint16\) with one "
+                                         r"offset for every image, read with bit_depth=12 \(--bit-depth 12\)$"):
+        s = load_dataset(tmp_path / "ct", size=8)
+    assert len(torch.unique(s.train.tensors[0])) <= 16  # loaded as before: the warning changes nothing
+    for p in (tmp_path / "ct").rglob("*.png"):  # what it says
+        image = np.asarray(Image.open(p))
+        Image.fromarray(np.clip(image.astype(np.int32) - 31744, 0, 4095).astype(np.uint16)).save(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = load_dataset(tmp_path / "ct", size=8, bit_depth=12)
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+    assert (float(x.min()), float(x.max())) == (0.0, 1.0) and len(torch.unique(x)) > 200
+
+
 def test_bit_depth_scales_16_bit_files_by_the_bits_they_hold(tmp_path):
     """bit_depth=12 reads 12-bit data in 16-bit files on its own scale (4095 -> 255, no warning), refuses a value
     above it naming the file, and is recorded in the dataset's info; bit_depth=8 reads 8-bit values saved in 16 bits
