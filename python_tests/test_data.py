@@ -1222,7 +1222,12 @@ def test_csv_header_spaces_suffix_case_seed_and_class_count(tmp_path):
     ("int32", -100, 40000, "signed intensities (an offset or a mean subtracted)? store them as floats in [0, 1], "
      "(images.astype(np.float32) - lo) / (hi - lo)", lambda a: (a.astype(np.float32) + 100) / 40100),
     ("uint32", 0, 100000, "17-bit intensities? store them as floats in [0, 1], images.astype(np.float32) / 131071",
-     lambda a: a.astype(np.float32) / 131071)], ids=["int8", "int16_z_scores", "int32_signed", "uint32_17_bits"])
+     lambda a: a.astype(np.float32) / 131071),
+    # told "/ 65535", which kept them in [0.48, 0.55] (found by the data6 helper)
+    ("uint16", 31744, 35839, "12-bit intensities with an offset added (as MATLAB's im2uint16 adds 32768 to signed CT "
+     "Hounsfield units)? store them as floats in [0, 1], (images.astype(np.float32) - lo) / (hi - lo)",
+     lambda a: (a.astype(np.float32) - 31744) / 4095)],
+    ids=["int8", "int16_z_scores", "int32_signed", "uint32_17_bits", "uint16_ct_offset"])
 def test_npz_integer_images_are_told_a_fix_that_keeps_their_values(tmp_path, dtype, lo, hi, needle, fix):
     """int8 images, small signed integers, int32 with negatives and uint32 past 65535 were all told "convert them to
     uint8 (0-255) or to floats in [0, 1]", which wraps their negatives and values past 255; each is now told the

@@ -183,6 +183,11 @@ SHIFT = "(images.astype(np.float32) - lo) / (hi - lo)"
 SHIFT_FIX = f"{SHIFT}, lo and hi the lowest and highest value of every split together"
 
 
+# The widest span of a 16-bit set above 14 bits said to be in a narrow band far from 0: 13 bits (32 of 255 grey
+# levels), an offset added to 12-bit data (MATLAB's im2uint16 adds 32768 to signed CT Hounsfield units: [31744, 35839])
+NARROW_16_BIT_SPAN = (1 << 13) - 1
+
+
 # The fix for binary images (0 and 1) in an integer dtype: as uint8 they are 0 and 1 of 255
 BINARY_IMAGES_FIX = ("[0, 1] pixels? store them as floats, images.astype(np.float32) (as uint8 they would be 0 and 1 "
                      "of 255, black)")
@@ -228,6 +233,11 @@ def _integer_images_fix(images):
         return f"{got}; {BINARY_IMAGES_FIX}"
     if 0 <= lo and hi <= 255:
         return f"{got}: store them as uint8 (images.astype(np.uint8)), 0-255 pixels"
+    if 0 <= lo and hi > (1 << 14) - 1 and hi - lo <= NARROW_16_BIT_SPAN:  # a narrow band far from 0: "/ 65535"
+        # kept it in [0.48, 0.55] (CT at +32768), where an eps of 8/255 is half the data's range (as the folder
+        # loader warns of such a set, too bright to be told of as dark)
+        return (f"{got}; {max(hi - lo, 255).bit_length()}-bit intensities with an offset added (as MATLAB's im2uint16 "
+                f"adds 32768 to signed CT Hounsfield units)? store them as floats in [0, 1], {SHIFT_FIX}")
     if 0 <= lo:
         bits = hi.bit_length()  # the fewest holding the top (10 for 1023), as the folder loader's warning names it
         return (f"{got}; {bits}-bit intensities? store them as floats in [0, 1], images.astype(np.float32) / "

@@ -22,7 +22,8 @@ import torch
 
 from .._options import check_int, counted, listing
 from .._warn import warn
-from .core import DataError, DatasetInfo, check_images_fit, check_sklearn_seed, splits_from_arrays
+from .core import (NARROW_16_BIT_SPAN, DataError, DatasetInfo, check_images_fit, check_sklearn_seed,
+                   splits_from_arrays)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Image files this loader does not read: refused, so a class folder is never silently smaller than it looks.
@@ -254,9 +255,6 @@ def read_images(paths, size, mode, bit_depth=None):
 
 # The top of a 16-bit set said to come out dark: 14-bit data (16383 -> 64 of 255), the deepest radiography stores
 DARK_16_BIT_TOP = (1 << 14) - 1
-# The widest span of a brighter 16-bit set said to keep few grey levels: 13 bits (32 of 255), an offset added to
-# 12-bit data (MATLAB's im2uint16 adds 32768 to signed CT Hounsfield units: [31744, 35839], 17 grey levels)
-NARROW_16_BIT_SPAN = (1 << 13) - 1
 
 
 def _check_16_bit(stats, where, bit_depth=None, stacklevel=1):
