@@ -311,6 +311,11 @@ def test_ids_written_from_the_csvs_folder_or_with_doubled_slashes_are_the_runs_o
     assert extra["samples_digest_slashed"] == _samples_digest(dotted)
     assert extra["samples_digest_backslashed"] == _samples_digest((".\\" + i, lab.strip()) for i, lab in
                                                                    _windows_rows())
+    # a run trained in between on those Windows ids recorded the slashed digest: its unchanged CSV is its data
+    doc["dataset"]["samples_digest"] = extra["samples_digest_slashed"]
+    (out / "run.json").write_text(json.dumps(doc))
+    rc, _, err = run(["eval", out, *attack], capsys)
+    assert rc == 0, err
     _write(csv_path, ["image_id", "dx"], slashed[1:] + slashed[:1])
     rc, _, err = run(["eval", out, *attack], capsys)
     assert rc == 2 and "holds other images, names or row order than when the run was trained" in err, err

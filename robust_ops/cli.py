@@ -1054,9 +1054,11 @@ def read_run_file(path):
 def earlier_samples_digests(dataset):
     """The image-list digests a run trained before ids' "\\" were read as "/" recorded for the same CSV (``dataset``:
     the load's ``info.extra`` or run.json's ``dataset``): the ids as written with "\\", or as written where rows mix
-    "/" and "\\" (refused until 2026-12-07: neither the "/" nor the all-"\\" digest was theirs)."""
+    "/" and "\\" (refused until 2026-12-07: neither the "/" nor the all-"\\" digest was theirs), or with "\\" as
+    "/" but "./" and doubled "/" kept (recorded between those two changes, both on 2026-12-07)."""
     dataset = dataset or {}
-    return {dataset[k] for k in ("samples_digest_backslashed", "samples_digest_as_written") if dataset.get(k)}
+    keys = ("samples_digest_backslashed", "samples_digest_as_written", "samples_digest_slashed")
+    return {dataset[k] for k in keys if dataset.get(k)}
 
 
 def resume_conflict(out, run):
