@@ -7,7 +7,8 @@ own updates (one same-size copy of the batch per iteration) (bench_attacks_peers
     python benchmarks/bench_attacks.py [--quick] [--device cpu|cuda] [--models small-resnet,resnet18]
                                        [--peers-only] [--peer-rounds N]
 
-Models at 1x64x64, batch 32: a small ResNet-style CNN and torchvision resnet18 (robust_ops.models, 3x3 stem).
+Models at 1x64x64, batch 32: a small ResNet-style CNN and torchvision resnet18 (robust_ops.models, 3x3 stem);
+--quick: the small CNN at 1x32x32, batch 8 (--models, --size and --batch given are kept).
 """
 
 import argparse
@@ -106,14 +107,15 @@ def with_switches(fn, off=None):
     return fn()
 
 
-def peer_cases(model, eps, steps, queries):
+def peer_cases(model, eps, steps, queries, size=64):
     """(case, ours, torchattacks counterpart or None, why there is none, iterations) for every attack, with the same
     settings on both sides; iterations: the attack's sequential updates of the batch (steps, queries, trials). The
-    bench models are binary, as most medical sets are."""
+    bench models are binary, as most medical sets are. ``size``: the images' side, which the L2 and L1 radii follow."""
     import torchattacks
 
-    eps_l2 = eps * 8  # an L2 radius of the same order on 64x64 inputs
-    eps_l1 = eps * 1024  # an L1 radius that breaks some samples (16 at 4/255: a quarter of the pixels at 4/255 each)
+    eps_l2 = eps * size / 8  # an L2 radius of the same order as the Linf ball's (8x eps on 64x64 inputs)
+    # an L1 radius that breaks some samples: a quarter of the pixels at eps each (16 at 4/255 on 64x64 inputs)
+    eps_l1 = eps * size * size / 4
     apgd_kw = dict(eps=eps, steps=steps, n_restarts=1, seed=0)
     return [
         ("fgsm", lambda x, y: attacks.fgsm(model, x, y, eps=eps), torchattacks.FGSM(model, eps=eps), "", 1),
@@ -181,7 +183,7 @@ def bench_peers(name, model, x, y, eps, args, backend):
     steps, queries = (5, 40) if args.quick else (20, 200)
     copy_s = copy_roofline_seconds(2 * x.numel() * x.element_size(), x.device, 0.05 if args.quick else 0.5)
     rows = []
-    for case, ours, peer, why_none, iterations in peer_cases(model, eps, steps, queries):
+    for case, ours, peer, why_none, iterations in peer_cases(model, eps, steps, queries, x.shape[-1]):
         def run_ours():  # at the library's defaults, as the pgd-10 rows: not whatever switch the caller left set
             return with_switches(lambda: ours(x, y))
 
@@ -213,6 +215,13 @@ def bench_peers(name, model, x, y, eps, args, backend):
     return rows
 
 
+def print_rows(rows):
+    """A line per row of the PGD-10 table as it is measured (the table itself comes at the end)."""
+    for row in rows:
+        print(f"{row['model']} {row['case']}: ours {row['ours_ms']:.0f} ms, other {row['peer_ms']:.0f} ms "
+              f"({row['ratio']:.2f}x), same output {row['same_output']}", flush=True)
+
+
 def pick_ensemble_eps(model, x, y):
     """The smallest eps of 2^k/255 (k <= 4) at which FGSM breaks a quarter of the batch."""
     for k in range(5):
@@ -242,15 +251,17 @@ def model_names(text):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short timing runs (noisy)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short timing runs (noisy), of small-resnet at --size 32 and --batch 8 unless given")
     parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", type=model_names, default="small-resnet,resnet18")
-    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--models", type=model_names, default=None,
+                        help="default small-resnet,resnet18; small-resnet with --quick")
+    parser.add_argument("--batch", type=positive_int, default=None, help="images per attack (default 32; --quick 8)")
     parser.add_argument("--rounds", type=positive_int, default=None,
                         help="interleaved timing rounds (default 7, --quick 2)")
-    parser.add_argument("--size", type=positive_int, default=64)
+    parser.add_argument("--size", type=positive_int, default=None, help="image side (default 64; --quick 32)")
     parser.add_argument("--train-steps", type=nonnegative_int, default=None,
-                        help="Adam steps before the ensemble (default 30, --quick 12)")
+                        help="Adam steps before the ensemble (default 30)")
     peers = parser.add_mutually_exclusive_group()
     peers.add_argument("--peers-only", action="store_true", help="only the table of attacks vs torchattacks")
     peers.add_argument("--no-peers", action="store_true",
@@ -259,13 +270,19 @@ def main():
                         help="interleaved rounds per attack in that table (default 3, --quick 1)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    # --quick's shapes, as bench_defenses': both models at 64x64, batch 32 took ~12 minutes on one thread, most of
+    # them resnet18's peer table, and `robust-ops bench --only attacks` (quick) printed nothing for minutes
+    args.models = args.models or (["small-resnet"] if args.quick else ["small-resnet", "resnet18"])
+    args.size = args.size or (32 if args.quick else 64)
+    args.batch = args.batch or (8 if args.quick else 32)
     refuse_repeated(parser, "--models", args.models)
     # an option the chosen tables never read is an error, not silently the default
     if args.peers_only and args.rounds is not None:
         parser.error("argument --rounds: not used with --peers-only (the peer table's rounds are --peer-rounds)")
     if args.no_peers and args.peer_rounds is not None:
         parser.error("argument --peer-rounds: not used with --no-peers (no peer table is run)")
-    train_steps = args.train_steps if args.train_steps is not None else (12 if args.quick else 30)
+    # 30 with --quick too: 12 steps of 8 images left the small CNN predicting one class, so no attack broke a sample
+    train_steps = 30 if args.train_steps is None else args.train_steps
     for name in args.models:  # before any work: a model that cannot take --size images (densenet121 below 15x15)
         try:
             model = make_model(name, "cpu", args.size)
@@ -364,6 +381,7 @@ def main():
         rows.append(dict(model=name, case="pgd-10 emit=(2,4,6,8) vs plain", ours_ms=t_emit * 1e3,
                          peer_ms=t_ours * 1e3, ratio=t_emit / t_ours, images_per_s=args.batch / t_emit,
                          same_output=torch.equal(ours_emit()[0], plain), backend=backend))
+        print_rows(rows[-7:])
 
         # Ensemble on the briefly trained model: labels = clean predictions (clean accuracy 100%), three white-box
         # attacks, weakest first, at the smallest eps of 2^k/255 (k <= 4) where FGSM breaks a quarter of the batch.
@@ -390,6 +408,7 @@ def main():
                          ours_ms=t_cascade * 1e3, peer_ms=t_full * 1e3, ratio=t_full / t_cascade,
                          images_per_s=args.batch / t_cascade,
                          same_output=cascade.robust_accuracy() == full.robust_accuracy(), backend=backend))
+        print_rows(rows[-1:])
         print(f"{name}: trained {train_steps} steps, clean accuracy {float((y_pred == y).float().mean()):.3f}; "
               f"ensemble robust accuracy cascade {cascade.robust_accuracy():.3f}, all "
               f"{full.robust_accuracy():.3f}; broken per attack {cascade.counts()}", flush=True)

@@ -1439,7 +1439,49 @@ def test_attacks_rows_time_what_they_name(monkeypatch, capsys, callers_switches)
     assert (ensemble["ours_ms"], ensemble["peer_ms"], ensemble["ratio"]) == pytest.approx(
         (ms["run_cascade"], ms["run_all"], ms["run_all"] / ms["run_cascade"]))
     assert len(rows) == 8 and len(written["bench_attacks_peers"]) == 4
-    assert "small-resnet: trained 2 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "small-resnet: trained 2 steps" in out
+    # a line per row as it is measured (the table comes at the end, after every model's peer table)
+    assert all(f"small-resnet {r['case']}: ours {r['ours_ms']:.0f} ms" in out for r in rows)
+
+
+class _Built(Exception):
+    pass
+
+
+def test_attacks_quick_times_the_small_cnn_at_small_shapes_unless_given(monkeypatch):
+    """--quick cut the rounds only: both models at 64x64, batch 32, so `robust-ops bench --only attacks` (quick) took
+    ~12 minutes on one thread, most of it resnet18's peer table. --quick now times small-resnet at 32x32, batch 8, as
+    bench_defenses' --quick; --models, --size and --batch given are kept, and the full run is unchanged. It trains 30
+    steps, as the full run (12 steps of 8 images left a model predicting one class: no attack broke a sample). The L2
+    and L1 radii of the peer table follow the image side (the 64x64 values at 64)."""
+    mod, _ = _attacks_script(monkeypatch, [], cases=(3, 14))  # pgdl2, square-l2
+    seen = []
+    real_make, real_blobs = mod.make_model, mod.blobs
+    monkeypatch.setattr(mod, "make_model", lambda name, device, size: (seen.append((name, size)),
+                                                                       real_make(name, device, size))[1])
+    monkeypatch.setattr(mod, "blobs", lambda n, size, *a: (seen.append((n, size)), real_blobs(n, size, *a))[1])
+
+    def train_briefly(model, steps, batch, size, device):  # the first model's first work: stop there
+        seen.append(("trained", steps, batch, size))
+        raise _Built
+
+    monkeypatch.setattr(mod, "train_briefly", train_briefly)
+    for argv, expected in ((["--quick"], [("small-resnet", 32), (8, 32), ("small-resnet", 32), ("trained", 30, 8, 32)]),
+                           ([], [("small-resnet", 64), ("resnet18", 64), (32, 64), ("small-resnet", 64),
+                                 ("trained", 30, 32, 64)]),
+                           (["--quick", "--models", "resnet18", "--size", "16", "--batch", "4", "--train-steps", "2"],
+                            [("resnet18", 16), (4, 16), ("resnet18", 16), ("trained", 2, 4, 16)])):
+        del seen[:]
+        monkeypatch.setattr(sys, "argv", ["bench_attacks.py", "--peers-only"] + argv)
+        with pytest.raises(_Built):
+            mod.main()
+        assert seen == expected, argv
+    model = real_make("small-resnet", "cpu", 8)
+    for size in (64, 32):
+        peers = {case: peer for case, _, peer, _, _ in mod.peer_cases(model, 4 / 255, 5, 40, size)}
+        assert peers["pgdl2-5"].eps == pytest.approx(4 / 255 * 8 * size / 64)
+    assert peers["square-l2-40"].eps == peers["pgdl2-5"].eps
 
 
 def test_attacks_no_peers_skips_the_peer_table_and_leaves_its_csv(monkeypatch):
