@@ -1917,14 +1917,11 @@ def test_pgd_step_compiled_provider_off_in_the_last_bit_is_timed_and_labelled(mo
         mod.main()
 
 
-def test_pgd_step_compiled_provider_traces_the_eager_chain_and_gets_its_rows(monkeypatch):
-    """The `compiled` provider is reference.pgd_step_ under torch.compile(fullgraph=True). Its clip-bound rounding
-    went through numpy's np.errstate, which Dynamo refuses ('attempted to trace numpy function'): every run printed
-    'compiled ... failed' four times and had no torch.compile rows. Dynamo's eager backend here (the same graph
-    capture; inductor's code generation would take tens of seconds)."""
+def _run_on_dynamos_eager_backend(monkeypatch, mod):
+    """bench_pgd_step's main() with torch.compile on Dynamo's eager backend (the same graph capture; inductor's code
+    generation would take tens of seconds) and each timing one call."""
     import torch
 
-    mod, written, _ = _script(monkeypatch, "bench_pgd_step", ["--shape", "2,3,4,4"])
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, backend="eager", **options))
     monkeypatch.setattr(mod.common, "median_seconds", lambda fn, min_run_time=1.0: (fn(), 1.0)[1])
@@ -1933,9 +1930,49 @@ def test_pgd_step_compiled_provider_traces_the_eager_chain_and_gets_its_rows(mon
         mod.main()
     finally:
         torch._dynamo.reset()
+
+
+def test_pgd_step_compiled_provider_traces_the_eager_chain_and_gets_its_rows(monkeypatch):
+    """The `compiled` provider is reference.pgd_step_ under torch.compile(fullgraph=True). Its clip-bound rounding
+    went through numpy's np.errstate, which Dynamo refuses ('attempted to trace numpy function'): every run printed
+    'compiled ... failed' four times and had no torch.compile rows. Dynamo's eager backend here (the same graph
+    capture; inductor's code generation would take tens of seconds)."""
+    mod, written, _ = _script(monkeypatch, "bench_pgd_step", ["--shape", "2,3,4,4"])
+    _run_on_dynamos_eager_backend(monkeypatch, mod)
     rows = [(r["norm"], r["history"], r["equal_to_eager"]) for r in written["pgd_step_cpu"]
             if r["provider"] == "compiled"]
     assert rows == [(norm, history, True) for norm in ("linf", "l2") for history in (False, True)]
+
+
+def test_pgd_step_compiled_l2_on_inductors_in_place_bug_is_timed_out_of_place_and_says_why(monkeypatch, capsys):
+    """torch 2.14.1's inductor cannot compile the L2 chain's in-place write of x_adv (InductorError KeyError 'buf1',
+    pytorch/pytorch#196570, reproduced in plain PyTorch): the L2 rows had no torch.compile provider, and the run said
+    only 'failed'. On that error the chain is compiled out of place and copied into x_adv and the slot, its row named
+    so and the line saying why; any other failure of torch.compile is still reported and its row left out. Dynamo's
+    eager backend here (inductor's code generation would take tens of seconds)."""
+    from robust_ops import reference
+
+    mod, written, _ = _script(monkeypatch, "bench_pgd_step", ["--shape", "2,3,4,4"])
+    InductorError = type("InductorError", (RuntimeError,), {})
+    real_providers = mod.providers
+
+    def compiled(*args):  # the in-place chain, as inductor fails it on L2
+        if args[7] == "l2":
+            raise InductorError("KeyError: 'buf1'\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace")
+        reference.pgd_step_(*args)
+
+    monkeypatch.setattr(mod, "providers", lambda device, use_compile: {**real_providers(device, False),
+                                                                        "compiled": compiled})
+    _run_on_dynamos_eager_backend(monkeypatch, mod)
+    rows = [(r["norm"], r["history"], r["provider"], r["equal_to_eager"]) for r in written["pgd_step_cpu"]
+            if r["provider"].startswith("compiled")]
+    assert rows == [("linf", False, "compiled", True), ("linf", True, "compiled", True),
+                    ("l2", False, mod.COMPILED_OUT_OF_PLACE, True), ("l2", True, mod.COMPILED_OUT_OF_PLACE, True)]
+    out = capsys.readouterr().out
+    for history in (False, True):
+        assert (f"compiled l2 history={history}: failed: InductorError: KeyError: 'buf1' (torch inductor's bug on an "
+                f"in-place write of an input, pytorch/pytorch#196570); timing '{mod.COMPILED_OUT_OF_PLACE}' instead"
+                in out)
 
 
 def test_pgd_step_compiled_provider_is_there_unless_no_compile(monkeypatch):
