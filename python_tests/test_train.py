@@ -1427,6 +1427,38 @@ def test_a_torch_compiled_models_checkpoint_loads_into_the_plain_architecture_an
     assert len(warmed.history) == 2
 
 
+def _lazy_mlp():
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(8), nn.LazyBatchNorm1d(), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_fit_initializes_a_models_lazy_layers_and_resumes_them_exactly(tmp_path):
+    """A model with lazy layers (nn.LazyLinear, nn.LazyBatchNorm1d) failed before its first step with torch's
+    "Attempted to use an uninitialized parameter in <method 'detach'>", naming neither fit nor the layer: fit read
+    the weights before any forward created them. One eval-mode forward on train_data's first items creates them
+    now (batch norm's statistics untouched), a fresh lazy model resumes the checkpoint exactly, and a lazy layer
+    the forward does not use (which can be neither trained nor saved) is refused, named."""
+    kwargs = dict(batch_size=8, lr=1e-2, progress=False, seed=3)
+    torch.manual_seed(0)
+    ref = _lazy_mlp()
+    fit(ref, "at", _data(), epochs=2, out_dir=tmp_path / "a", **kwargs)
+    assert ref[2].running_mean.shape == (8,) and ref.training
+    torch.manual_seed(0)
+    first = _lazy_mlp()
+    fit(first, "at", _data(), epochs=1, out_dir=tmp_path / "b", **kwargs)
+    assert int(first[2].num_batches_tracked) == 5  # 40 samples in batches of 8: the first forward tracked nothing
+    torch.manual_seed(123)
+    resumed = _lazy_mlp()
+    fit(resumed, "at", _data(), epochs=2, out_dir=tmp_path / "b", resume=True, **kwargs)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    unused = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    unused.add_module("spare", nn.LazyBatchNorm1d())
+    unused.forward = lambda x: unused[1](unused[0](x))
+    with pytest.raises(ValueError, match=r"^fit: the model's lazy layer spare \(LazyBatchNorm1d\) is still "
+                       r"uninitialized after a forward on train_data's first items: .*; remove it from the model"):
+        fit(unused, "standard", _data(), epochs=1, **kwargs)
+
+
 def test_load_weights_refuses_an_architecture_without_the_trained_drop_max_layers(tmp_path):
     """A state dict cannot show DropMax2d (pooling has no parameters): a drop-max checkpoint loaded into the plain
     nn.MaxPool2d architecture computed other outputs silently. The checkpoint records the layers; load_weights and

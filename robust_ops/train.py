@@ -1236,7 +1236,9 @@ def fit(
     Args:
         model (nn.Module): outputs ``[N, K]`` logits or ``[N]`` single logits; float32 or float64 trainable
             parameters (float16 / bfloat16 ones are refused: ``amp`` computes in float16). A ``torch.compile``'d
-            model trains compiled; its checkpoints hold the model's own names (no ``_orig_mod.`` prefix).
+            model trains compiled; its checkpoints hold the model's own names (no ``_orig_mod.`` prefix). Lazy
+            layers (``nn.LazyLinear``, ...) are created by one eval-mode forward on train_data's first items (one
+            the forward does not use is refused: it can be neither trained nor saved).
         defense (robust_ops.defenses.Defense or str): a defense object, or a name or dotted import path
             (package.module.Class) for ``defenses.build``.
         train_data, val_data (Dataset): yield ``(x, y)`` or ``(x, y, ids)`` (``robust_ops.data.IndexedDataset``,
@@ -1457,6 +1459,7 @@ def fit(
         if prepare is not None:  # MIRST-DM: drop-max pooling in place of the first max-pooling layer
             model = prepare(model)
         model = model.to(device)
+        _initialize_lazy_modules(name, model, train_data, device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         weights_model = weights_module(model)  # what the checkpoints hold: the same parameters, without "_orig_mod."
@@ -2642,6 +2645,33 @@ class OneSampleBatchError(ValueError):
         return (f"{name}: the model's training-mode batch-norm layers cannot normalize a batch of 1 sample at "
                 f"{where}: {why}; pass a {batch_option} that leaves {each} at least 2 samples, or more training "
                 "samples")
+
+
+def _initialize_lazy_modules(name, model, train_data, device):
+    """Create the parameters of ``model``'s lazy modules (nn.LazyLinear, nn.LazyBatchNorm1d, ...) with one eval-mode
+    forward, without gradients, on train_data's first items (BatchNorm statistics untouched): torch makes them in the
+    first forward, and fit reads the weights before that (the optimizer's parameters, the finite-weights watch, a
+    resume's load), where an uninitialized one was torch's "Attempted to use an uninitialized parameter". A lazy
+    layer that forward does not use stays uninitialized, which can be neither trained nor saved: refused, named."""
+    if not any(nn.parameter.is_lazy(t) for t in itertools.chain(model.parameters(), model.buffers())):
+        return
+    x, _, _ = _split_batch(name, _collate(name, train_data, range(min(2, len(train_data)))), False)
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            forward_naming_input_mismatch(name, "train_data", model, x.to(device))
+    finally:
+        for module, training in modes:
+            module.training = training
+    left = [f"{n or 'the model'} ({type(m).__name__})" for n, m in model.named_modules()
+            if any(nn.parameter.is_lazy(t) for t in itertools.chain(m.parameters(recurse=False),
+                                                                     m.buffers(recurse=False)))]
+    if left:
+        raise ValueError(f"{name}: the model's lazy layer {', '.join(left[:4])}{' and more' * (len(left) > 4)} is "
+                         "still uninitialized after a forward on train_data's first items: the model's forward does "
+                         "not use it, so its weights can be neither trained nor saved; remove it from the model, or "
+                         "build it with its sizes (nn.Linear, nn.BatchNorm1d, ... in place of the Lazy one)")
 
 
 def _infer_num_classes(model, x):
