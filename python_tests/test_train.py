@@ -1388,6 +1388,22 @@ def _pooling_cnn():
                          nn.Linear(16, 2))
 
 
+def _wrapped_model_run(wrapped, out_dir, **kwargs):
+    """(checkpoint state, x, the trained wrapper's outputs on x) of 1 MIRST-DM epoch of ``wrapped`` (a
+    _pooling_cnn in a torch.compile or DataParallel wrapper) into ``out_dir``, checked to hold the plain
+    architecture's names and to load into it."""
+    torch.manual_seed(0)
+    fit(wrapped, "mirst-dm", _data(16), epochs=1, out_dir=out_dir, **kwargs)
+    state = load_checkpoint(out_dir / "checkpoint.pt")
+    assert state["config"]["drop_max_layers"] == ["2"]
+    assert list(state["model"]) == list(_pooling_cnn().state_dict())
+    x = torch.rand(3, 1, 4, 4)
+    expected = wrapped.eval()(x)
+    loaded = load_weights(robust_ops.replace_maxpool(_pooling_cnn()), out_dir / "checkpoint.pt")
+    assert torch.equal(loaded.eval()(x), expected)
+    return state, x, expected
+
+
 def test_a_torch_compiled_models_checkpoint_loads_into_the_plain_architecture_and_resumes_either_way(tmp_path):
     """fit(torch.compile(model)) wrote the compiled wrapper's state dict, every key and drop-max layer name prefixed
     "_orig_mod.": load_weights into the rebuilt architecture was refused as lacking the DropMax2d layers it has, and
@@ -1395,17 +1411,10 @@ def test_a_torch_compiled_models_checkpoint_loads_into_the_plain_architecture_an
     own names now, and so do the warm-up's head and fit's messages; checkpoints written before load so too."""
     from robust_ops.train import save_checkpoint
 
-    torch.manual_seed(0)
     kwargs = dict(batch_size=8, lr=1e-2, progress=False)
-    compiled = torch.compile(_pooling_cnn(), backend="eager")
-    fit(compiled, "mirst-dm", _data(16), epochs=1, out_dir=tmp_path / "compiled", **kwargs)
     path = tmp_path / "compiled" / "checkpoint.pt"
-    state = load_checkpoint(path)
-    assert state["config"]["drop_max_layers"] == ["2"]
-    assert list(state["model"]) == list(_pooling_cnn().state_dict())
-    x = torch.rand(3, 1, 4, 4)
-    expected = compiled.eval()(x)
-    assert torch.equal(load_weights(robust_ops.replace_maxpool(_pooling_cnn()), path).eval()(x), expected)
+    state, x, expected = _wrapped_model_run(torch.compile(_pooling_cnn(), backend="eager"), tmp_path / "compiled",
+                                            **kwargs)
     rebuilt = torch.compile(robust_ops.replace_maxpool(_pooling_cnn()), backend="eager")
     assert torch.equal(load_weights(rebuilt, path).eval()(x), expected)
     # as fit wrote it before: every name prefixed, which loads and resumes as the model's own names
@@ -1425,6 +1434,27 @@ def test_a_torch_compiled_models_checkpoint_loads_into_the_plain_architecture_an
     warmed = fit(torch.compile(_pooling_cnn(), backend="eager"), "standard", _data(16), epochs=2, warmup_epochs=1,
                  warmup_params="4", **kwargs)
     assert len(warmed.history) == 2
+
+
+def test_a_data_parallel_models_checkpoint_loads_into_the_plain_architecture_and_resumes_either_way(tmp_path):
+    """fit(nn.DataParallel(model)) wrote the wrapper's state dict, every key and drop-max layer name prefixed
+    "module.": load_weights into the trained architecture said "Missing key(s) in state_dict", and neither the
+    plain model nor ``robust-ops eval`` could resume or read the run. The checkpoint holds the model's own names
+    now; one written before still loads into, and resumes with, a DataParallel model."""
+    from robust_ops.train import save_checkpoint
+
+    kwargs = dict(batch_size=8, lr=1e-2, progress=False)
+    state, x, expected = _wrapped_model_run(nn.DataParallel(_pooling_cnn()), tmp_path / "dp", **kwargs)
+    fit(_pooling_cnn(), "mirst-dm", _data(16), epochs=2, out_dir=tmp_path / "dp", resume=True, **kwargs)
+    # as fit wrote it before: every name prefixed, which a DataParallel model still loads and resumes
+    old = {**state, "model": {f"module.{k}": v for k, v in state["model"].items()},
+           "config": {**state["config"], "drop_max_layers": ["module.2"]}}
+    save_checkpoint(tmp_path / "old.pt", old)
+    rebuilt = nn.DataParallel(robust_ops.replace_maxpool(_pooling_cnn()))
+    assert torch.equal(load_weights(rebuilt, tmp_path / "old.pt").eval()(x), expected)
+    resumed = fit(nn.DataParallel(_pooling_cnn()), "mirst-dm", _data(16), epochs=2, resume=tmp_path / "old.pt",
+                  **kwargs)
+    assert len(resumed.history) == 2
 
 
 def _lazy_mlp():

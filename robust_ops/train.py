@@ -524,19 +524,19 @@ def _fit_checkpoint(name, path, map_location, entries=tuple(_RESUME_ENTRIES)):
 
 
 _COMPILED_PREFIX = "_orig_mod."  # what a torch.compile'd model's wrapper puts before its module's names
+_DATA_PARALLEL_PREFIX = "module."  # nn.DataParallel's
 
 
-def _without_compiled_prefix(state):
-    """A checkpoint fit wrote for a torch.compile'd model before 2026-12-06 named every weight, drop-max layer and
-    warm-up parameter with the compiled wrapper's prefix: read with the model's own names, as fit writes them now
-    (weights_module)."""
+def _without_compiled_prefix(state, prefix=_COMPILED_PREFIX):
+    """A checkpoint fit wrote for a torch.compile'd model before 2026-12-06 (for an nn.DataParallel before
+    2026-12-07: ``prefix`` "module.") named every weight, drop-max layer and warm-up parameter with the wrapper's
+    prefix: read with the model's own names, as fit writes them now (weights_module)."""
     weights = state.get("model")
-    if not (isinstance(weights, dict) and weights and all(str(k).startswith(_COMPILED_PREFIX) for k in weights)):
+    if not (isinstance(weights, dict) and weights and all(str(k).startswith(prefix) for k in weights)):
         return state
 
     def strip(names):
-        return [n[len(_COMPILED_PREFIX):] if isinstance(n, str) and n.startswith(_COMPILED_PREFIX) else n
-                for n in names]
+        return [n[len(prefix):] if isinstance(n, str) and n.startswith(prefix) else n for n in names]
 
     state = dict(state)
     for key in ("model", "best_model"):
@@ -558,11 +558,28 @@ def drop_max_layers(model):
 
 
 def weights_module(model):
-    """The module whose weights and layer names a checkpoint holds: a torch.compile'd model's own module. The
-    compiled wrapper's state dict and module names carry an "_orig_mod." prefix, so its checkpoints did not load
-    into the plain architecture (nor resume without torch.compile, or with it from a plain run)."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else model
+    """The module whose weights and layer names a checkpoint holds: a torch.compile'd model's own module, an
+    nn.DataParallel's ``module``. The wrappers' state dicts and module names carry an "_orig_mod." ("module.")
+    prefix, so their checkpoints did not load into the plain architecture (nor resume without the wrapper, or with
+    it from a plain run)."""
+    for _ in range(8):  # a compiled DataParallel, a DataParallel of a compiled model ...
+        inner = model.module if isinstance(model, nn.DataParallel) else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
+def _in_data_parallel(model):
+    """Whether ``model`` is an nn.DataParallel or a torch.compile'd one: its checkpoints fit wrote before 2026-12-07
+    prefix every name with "module." (read without it)."""
+    for _ in range(8):
+        if isinstance(model, nn.DataParallel):
+            return True
+        model = getattr(model, "_orig_mod", None)
+        if not isinstance(model, nn.Module):
+            return False
+    return False
 
 
 def load_weights(model, path, map_location="cpu"):
@@ -577,6 +594,8 @@ def load_weights(model, path, map_location="cpu"):
         UnreadableCheckpointError (a ValueError): the file cannot be read as a checkpoint (as :func:`load_checkpoint`).
     """
     state = _fit_checkpoint("load_weights", path, map_location, entries=("model",))
+    if _in_data_parallel(model):
+        state = _without_compiled_prefix(state, _DATA_PARALLEL_PREFIX)
     mismatch = drop_max_mismatch(model, state)
     if mismatch is not None:
         raise ValueError(f"load_weights: {path} {mismatch}; rebuild the trained architecture "
@@ -1236,7 +1255,8 @@ def fit(
     Args:
         model (nn.Module): outputs ``[N, K]`` logits or ``[N]`` single logits; float32 or float64 trainable
             parameters (float16 / bfloat16 ones are refused: ``amp`` computes in float16). A ``torch.compile``'d
-            model trains compiled; its checkpoints hold the model's own names (no ``_orig_mod.`` prefix). Lazy
+            model trains compiled; its checkpoints hold the model's own names (no ``_orig_mod.`` prefix), as do
+            an ``nn.DataParallel``'s (no ``module.``). Lazy
             layers (``nn.LazyLinear``, ...) are created by one eval-mode forward on train_data's first items (one
             the forward does not use is refused: it can be neither trained nor saved).
         defense (robust_ops.defenses.Defense or str): a defense object, or a name or dotted import path
@@ -1426,6 +1446,8 @@ def fit(
         if resume_path is not None and resume_error is None:
             try:
                 state = _fit_checkpoint(name, resume_path, device)  # _set_rng_state takes the RNG states back to CPU
+                if _in_data_parallel(model):
+                    state = _without_compiled_prefix(state, _DATA_PARALLEL_PREFIX)
             except ValueError as err:
                 resume_error = err
 
@@ -1462,7 +1484,8 @@ def fit(
         _initialize_lazy_modules(name, model, train_data, device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        weights_model = weights_module(model)  # what the checkpoints hold: the same parameters, without "_orig_mod."
+        # what the checkpoints hold: the same parameters, without "_orig_mod." or DataParallel's "module."
+        weights_model = weights_module(model)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             if next(model.parameters(), None) is None:
