@@ -696,6 +696,19 @@ def test_simclr_bypasses_a_head_called_head_or_named_by_the_caller():
     assert res.removed_head == "out" and res.head[0].in_features == 4
 
 
+def test_simclr_bypasses_the_head_of_the_model_a_data_parallel_wraps():
+    """nn.DataParallel has no fc of its own: head="auto" found none and pretrained through the classifier, the
+    projection head taking its 2 logits as the features and the fc's weights changed (head="head" was refused as
+    "the model has no module attribute"). The wrapped model's head is bypassed now, and put back."""
+    for head in ("auto", "head"):
+        torch.manual_seed(0)
+        model = TinyNamedHead("head")
+        before = model.head.weight.clone()
+        res = simclr(nn.DataParallel(model), _data(), epochs=1, batch_size=8, head=head, progress=False)
+        assert res.removed_head == "head" and res.head[0].in_features == 4
+        assert isinstance(model.head, nn.Linear) and torch.equal(model.head.weight, before)
+
+
 def test_simclr_default_augment_fits_rgb_non_square_images():
     """The default SimCLRAugment takes the data's channels (the RGB recipe for RGB images) and its height and width
     in that order: every test ran square grayscale images, where channels=1 or a transposed size could not show."""

@@ -19,7 +19,7 @@ from torch import nn
 
 from ._options import check_choice, check_flags, check_int, check_real, check_seed, check_usable_device
 from .attacks.context import check_gradients_possible, float32_or_wider, use_model_mode
-from .train import check_trainable_precision
+from .train import check_trainable_precision, weights_module
 
 HEAD_NAMES = ("fc", "classifier", "head")
 # What each image is paired with: "augmented" -- two augmented views (SimCLR's Algorithm 1); "original" -- the image
@@ -146,7 +146,8 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
 
     Args:
         model_backbone (nn.Module): a feature extractor, or a classifier whose head (``fc``/``classifier``/``head``,
-            found with head="auto", or named) is bypassed during pretraining and left untouched.
+            found with head="auto", or named) is bypassed during pretraining and left untouched; in an
+            ``nn.DataParallel`` or a ``torch.compile``'d model, the wrapped module's head.
         data (Dataset): yields ``x`` or ``(x, y, ...)`` with images [C, H, W] in [0, 1].
         epochs (int): passes over data. temperature (float): tau of eq. 4 (0.5).
         batch_size (int): N pairs per step (the last incomplete batch is dropped; N >= 2).
@@ -193,14 +194,17 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
                          f"got {got}")
     augment = augment if augment is not None else SimCLRAugment(tuple(sample.shape[-2:]), channels=sample.shape[0])
 
-    head_name = _classifier_head(model_backbone, head)
-    original_head = getattr(model_backbone, head_name) if head_name else None
+    # the head is looked up (and bypassed) in the module a DataParallel or torch.compile wrapper holds: the wrapper
+    # has no fc, so "auto" found none and pretrained through the classifier, its 2 logits taken for the features
+    holder = weights_module(model_backbone)
+    head_name = _classifier_head(holder, head)
+    original_head = getattr(holder, head_name) if head_name else None
     model = model_backbone.to(device)
     opt = bar = None
     with torch.enable_grad(), use_model_mode(model, "keep"):  # per module: one frozen in eval stays so, on failure too
         try:
             if head_name:
-                setattr(model, head_name, nn.Identity())
+                setattr(holder, head_name, nn.Identity())
             model.train()
             # simclr has no amp: fit's "amp=True on CUDA computes in float16" would name a parameter it lacks
             check_trainable_precision("simclr", [p for p in model.parameters() if p.requires_grad],
@@ -253,5 +257,5 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
             if opt is not None:  # the last step's gradients belong to pretraining, not to the caller (also on failure)
                 opt.zero_grad(set_to_none=True)
             if head_name:
-                setattr(model_backbone, head_name, original_head)
+                setattr(holder, head_name, original_head)
     return PretrainResult(history=history, head=proj, removed_head=head_name)
