@@ -149,20 +149,21 @@ def _one_hwc_image_pooled_as_is(x, which):
     """Whether the native CPU kernel pools x as it is, its outputs then made NCHW, where _in_atens_layout would copy
     the whole input: a batch of one HWC image (1 x C x H x W, channels_last-contiguous and not plain contiguous),
     which ATen reads as NCHW and the ops' rule as channels_last. Its channels_last kernel, whose lanes are the
-    channels, and a copy of the (smaller) outputs beat the input's copy and the NCHW kernel (1 x 16 x 32 x 32,
-    kernel 3 stride 2, one core: drop_max_pool2d ~41 us a call against ~61 us; values and indices are the same, bit
-    for bit, as both kernels select by window order). Only where no gradient is recorded: the op's backward takes the
-    indices' layout, which would give the input gradient channels_last strides where ATen's are NCHW. Not under
-    torch.func transforms (no layout is asked there) or while capturing a graph; torch.jit.trace is asked before the
-    sizes, which are tensors there: their comparisons warned on every trace (TracerWarning "Converting a tensor to a
-    Python boolean"), after is_contiguous(), which answers for most inputs at less cost (~0.05 us, ~0.2 us). Only for
-    float32 with C >= 24 and float64 with C >= 16 (_HWC_AS_IS_MIN_CHANNELS): elsewhere the copy with the NCHW kernel
-    is as fast or faster, so it stays (an RGB image 1 x 3 x 224 x 224, kernel 3 stride 2, one core: ~0.51 ms a call as
-    is against ~0.09 ms). Measured 2026-12-07 under the AVX2 and AVX-512 caps alike (1 x C x S x S, kernel 3 stride 2,
-    one thread, as-is time / copied time, S = 32 and 112): float32 C = 3-12 1.2-1.6, 15-17 1.0-1.3, 20 0.98-1.03,
-    24 0.77-0.93, 32 0.67-0.81, 40-64 0.61-0.71; float64 (vector paths since that day) C = 15 0.87-1.06, 16 0.75-0.91,
-    17-24 0.56-1.0, 32 0.69-0.76; float16 and bfloat16 1.0-1.6 up to C = 24, 0.77-1.0 at 32: copied. C = 16 float32,
-    as is until then (~41 against ~61 us when the rule was set), was level to 1.10 by then, the copy's kernel faster."""
+    channels, and a copy of the (smaller) outputs beat the input's copy and the NCHW kernel where there are many
+    channels (1 x 32 x 32 x 32, kernel 3 stride 2, one core: drop_max_pool2d ~40 us a call against ~48 us, 2026-12-07;
+    values and indices are the same, bit for bit, as both kernels select by window order). Only where no gradient is
+    recorded: the op's backward takes the indices' layout, which would give the input gradient channels_last strides
+    where ATen's are NCHW. Not under torch.func transforms (no layout is asked there) or while capturing a graph;
+    torch.jit.trace is asked before the sizes, which are tensors there: their comparisons warned on every trace
+    (TracerWarning "Converting a tensor to a Python boolean"), after is_contiguous(), which answers for most inputs at
+    less cost (~0.05 us, ~0.2 us). Only for float32 with C >= 24 and float64 with C >= 16 (_HWC_AS_IS_MIN_CHANNELS):
+    elsewhere the copy with the NCHW kernel is as fast or faster, so it stays (an RGB image 1 x 3 x 224 x 224, kernel 3
+    stride 2, one core: ~0.51 ms a call as is against ~0.09 ms). Measured 2026-12-07 under the AVX2 and AVX-512 caps
+    alike (1 x C x S x S, kernel 3 stride 2, one thread, as-is time / copied time, S = 32 and 112): float32 C = 3-12
+    1.2-1.6, 15-17 1.0-1.3, 20 0.98-1.03, 24 0.77-0.93, 32 0.67-0.81, 40-64 0.61-0.71; float64 (vector paths since that
+    day) C = 15 0.87-1.06, 16 0.75-0.91, 17-24 0.56-1.0, 32 0.69-0.76; float16 and bfloat16 1.0-1.6 up to C = 24,
+    0.77-1.0 at 32: copied. C = 16 float32, as is until then (~41 against ~61 us when the rule was set), was level to
+    1.10 by then, the copy's kernel faster."""
     # the cheap tests first; the channels_last query after the transforms' (vmap cannot answer it)
     return (which == "native" and x.dim() == 4 and not x.is_contiguous() and not torch.jit.is_tracing()
             and x.shape[0] == 1 and x.shape[1] >= _HWC_AS_IS_MIN_CHANNELS.get(x.dtype, float("inf"))
