@@ -1402,6 +1402,32 @@ def test_bit_depth_scales_16_bit_files_by_the_bits_they_hold(tmp_path):
     assert sorted({round(float(v) * 255) for v in x.flatten()}) == [200, 201, 202, 203, 204]  # as the values say
 
 
+def test_bit_depth_refusing_a_few_bright_pixels_says_to_clip_them(tmp_path):
+    """One metal pixel above 4095 in a 12-bit CT set: the refusal of bit_depth=12 says to clip the few pixels above
+    (a deeper bit depth would darken every image of the set); many pixels above keep the bit-depth advice alone."""
+    from PIL import Image
+
+    for c in ("normal", "nodule"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            Image.fromarray(np.full((16, 16), 1000 + 500 * i, np.uint16)).save(tmp_path / c / f"{i}.png")
+    metal = np.full((16, 16), 2000, np.uint16)
+    metal[3, 3] = 6000
+    Image.fromarray(metal).save(tmp_path / "nodule" / "metal.png")
+    with pytest.raises(DataError, match=r"metal\.png: holds the value 6000, above the 12-bit maximum 4095 "
+                                        r"\(bit_depth=12\) in 1 pixel of its 256: a few bright outliers \(metal in a "
+                                        r"CT slice\)\? clip them, np\.clip\(image, 0, 4095\), in every image of the "
+                                        r"set \(a deeper bit depth would darken the rest\); else give the bit depth "
+                                        r"the images were saved with$") as info:
+        load_dataset(tmp_path, size=8, bit_depth=12)
+    assert info.value.arg == "bit_depth"
+    metal[:4, :4] = 6000  # 16 of 256 pixels: data deeper than 12 bits
+    Image.fromarray(metal).save(tmp_path / "nodule" / "metal.png")
+    with pytest.raises(DataError, match=r"metal\.png: holds the value 6000, above the 12-bit maximum 4095 "
+                                        r"\(bit_depth=12\); give the bit depth the images were saved with$"):
+        load_dataset(tmp_path, size=8, bit_depth=12)
+
+
 def test_bit_depth_reaches_csv_sets_and_is_refused_where_it_means_nothing(tmp_path):
     from PIL import Image
 

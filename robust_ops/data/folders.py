@@ -144,8 +144,16 @@ def _to_8bit(img, path, stats=None, bit_depth=None):
                         f"intensities -- {fix}")
     top = 65535 if bit_depth is None else (1 << bit_depth) - 1
     if hi > top:
+        over = int(np.count_nonzero(arr > top))
+        # a few values above (a CT slice's metal implant): a deeper bit depth would scale every image of the set
+        # down (13 bits: 4095 -> 127), where clipping those few pixels keeps the rest on its own scale
+        few = "" if over * 100 > arr.size else (
+            f" in {counted(over, 'pixel')} of its {arr.size}: a few bright outliers (metal in a CT slice)? clip "
+            f"them, np.clip(image, 0, {top}), in every image of the set (a deeper bit depth would darken the rest); "
+            "else")
         raise DataError(f"{path}: holds the value {hi:g}, above the {bit_depth}-bit maximum {top} "
-                        f"(bit_depth={bit_depth}); give the bit depth the images were saved with", arg="bit_depth")
+                        f"(bit_depth={bit_depth}){few or ';'} give the bit depth the images were saved with",
+                        arg="bit_depth")
     return Image.fromarray(np.round(arr.astype(np.float64) / (top / 255.0)).astype(np.uint8))  # top -> 255, mode L
 
 
