@@ -1193,6 +1193,22 @@ def test_busi_class_discovery_and_file_filters(tmp_path):
         load_dataset(tmp_path, size=8)
 
 
+def test_busi_skips_mask_files_by_their_name_s_end_only(tmp_path):
+    """BUSI's masks (NAME_mask.png, NAME_mask_1.png, any case) are skipped; an image with _mask inside its name (a
+    dermoscopy image with its background masked out, ISIC_0024306_masked.jpg) is read, where it was dropped
+    silently."""
+    for c in ("mel", "nv"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            _png(tmp_path / c / f"{c}{i}.png", (8, 8), 10 * i)
+    for name in ("mel0_mask.png", "mel0_mask_1.png", "mel1_Mask.png"):
+        _png(tmp_path / "mel" / name, (8, 8), 255)
+    for name in ("ISIC_0024306_masked.jpg", "hair_mask_removed.png"):
+        _png(tmp_path / "mel" / name, (8, 8), 30)
+    s = load_dataset(tmp_path, size=8)
+    assert s.info.extra["class_counts"] == {"mel": 12, "nv": 10}
+
+
 def test_csv_header_spaces_suffix_case_seed_and_class_count(tmp_path):
     path = _ham(tmp_path, ["mel", "nv"] * 10)
     path.write_text(path.read_text().replace("image_id,dx", "image_id, dx"))  # "dx" after a space still matches

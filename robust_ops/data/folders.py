@@ -62,6 +62,14 @@ def is_hidden(path, root=None):
     return any(part.startswith(".") or part in SYSTEM_FOLDERS for part in parts)
 
 
+def is_mask(path):
+    """Whether an image file is a segmentation mask beside its image, BUSI's ``benign (4)_mask.png`` and
+    ``benign (4)_mask_1.png`` (any case): the name ends in ``_mask``, a number after it allowed. ``_mask`` elsewhere
+    in a name is an image's (``ISIC_0024306_masked.jpg``, a lesion with its background masked out), which was skipped
+    without a word until 2026-12-07."""
+    return re.search(r"_mask(?:[_-]?[0-9]+)?$", Path(path).stem, re.IGNORECASE) is not None
+
+
 def pad_to_square_and_resize(img, size):
     """Zero-pad a PIL image to a centred square, then resize to size x size (bilinear)."""
     from PIL import Image
@@ -507,7 +515,7 @@ def _layout_hint(folder, subdirs):
 
 def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None, rare_classes="merge", *,
               stacklevel=1):
-    """BUSI layout: ``folder/<class>/*.png`` with ``*_mask*.png`` segmentation masks ignored.
+    """BUSI layout: ``folder/<class>/*.png`` with ``*_mask.png`` (``*_mask_1.png``) segmentation masks ignored.
 
     size: the side length images are padded and resized to; None: 224, with a warning when every image is at most
     half of it (upscaled for nothing).
@@ -583,7 +591,7 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
     refuse_split(classes)
 
     def images(d):
-        return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem.lower()
+        return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask(p)
                       and not is_hidden(p))
 
     def other_suffix(p):  # by the name's end, not Path.suffix: ".nii.gz" has the suffix ".gz"
