@@ -1209,6 +1209,25 @@ def test_busi_skips_mask_files_by_their_name_s_end_only(tmp_path):
     assert s.info.extra["class_counts"] == {"mel": 12, "nv": 10}
 
 
+def test_busi_classes_match_a_folder_named_in_the_other_unicode_form(tmp_path):
+    """A class typed composed (NFC, 'mélanome') matches the folder macOS named decomposed (NFD), and the other way;
+    the class is named as its folder is, as without classes=; both forms at once are one class listed twice."""
+    import unicodedata
+
+    nfc = "m\u00e9lanome"
+    nfd = unicodedata.normalize("NFD", nfc)
+    for c in (nfd, "nv"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            _png(tmp_path / c / f"{i}.png", (8, 8), 10 * i)
+    for typed in (nfc, nfd, nfc.upper()):
+        s = load_dataset(tmp_path, size=8, classes=(typed, "nv"))
+        assert s.info.class_names == (nfd, "nv") and s.info.extra["class_counts"] == {nfd: 10, "nv": 10}
+    assert load_dataset(tmp_path, size=8).info.class_names == (nfd, "nv")
+    with pytest.raises(DataError, match="lists .* more than once"):
+        load_dataset(tmp_path, size=8, classes=(nfc, "nv", nfd))
+
+
 def test_csv_header_spaces_suffix_case_seed_and_class_count(tmp_path):
     path = _ham(tmp_path, ["mel", "nv"] * 10)
     path.write_text(path.read_text().replace("image_id,dx", "image_id, dx"))  # "dx" after a space still matches

@@ -13,6 +13,7 @@ import hashlib
 import numbers
 import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
@@ -562,7 +563,16 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
     chosen = classes is not None  # an error about the classes then names the classes= argument (--classes)
     if classes is None:
         classes = [c for c in BUSI_ORDER if c in subdirs] + sorted(c for c in subdirs if c not in BUSI_ORDER)
-    classes = _class_list(classes, f"load_busi({folder})", fold=str.lower)
+    # a name typed composed (NFC, as keyboards write "é") matches a folder whose name macOS wrote decomposed (NFD,
+    # "e" + U+0301, kept by its zips), or the other way: refused until 2026-12-07 as 'class folder(s) mélanome not
+    # found (found: mélanome, ...)'. The folder's own form is the class name, as without classes=
+    composed = {unicodedata.normalize("NFC", c): c for c in subdirs}
+
+    def fold(name):
+        name = name.lower()
+        return name if name in subdirs else composed.get(unicodedata.normalize("NFC", name), name)
+
+    classes = _class_list(classes, f"load_busi({folder})", fold=fold)
 
     def class_folders(d):  # its subfolders holding images directly
         return [p.name for p in sorted(d.iterdir()) if p.is_dir() and not is_hidden(p)
