@@ -1228,6 +1228,29 @@ def test_busi_classes_match_a_folder_named_in_the_other_unicode_form(tmp_path):
         load_dataset(tmp_path, size=8, classes=(nfc, "nv", nfd))
 
 
+def test_busi_broken_links_are_said_not_left_out(tmp_path):
+    """A class folder linked from a drive not mounted was left out without a word (two classes of three), and
+    classes= naming it said 'not found (found: ...)'; an image's broken link said '[Errno 2] ...'. Each is named as
+    a broken link; classes= leaving its class out reads the rest."""
+    for c in ("mel", "nv"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            _png(tmp_path / c / f"{i}.png", (8, 8), 10 * i)
+    (tmp_path / "bcc").symlink_to(tmp_path / "gone" / "bcc")
+    (tmp_path / "notes.txt").symlink_to(tmp_path / "gone" / "notes.txt")  # no class folder
+    link = re.escape(f"{tmp_path / 'bcc'}: a link to {tmp_path / 'gone' / 'bcc'}, which does not exist (a drive not "
+                     "mounted, or the target moved?); restore its target or remove the link")
+    with pytest.raises(DataError, match=rf"^{link}, or leave it out with classes= \(--classes mel,nv\)$"):
+        load_dataset(tmp_path, size=8)
+    with pytest.raises(DataError, match=rf"^{link}$"):
+        load_dataset(tmp_path, size=8, classes=("BCC", "mel"))
+    assert load_dataset(tmp_path, size=8, classes=("mel", "nv")).info.extra["class_counts"] == {"mel": 10, "nv": 10}
+    (tmp_path / "bcc").unlink()
+    (tmp_path / "mel" / "x.png").symlink_to(tmp_path / "gone" / "x.png")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'mel' / 'x.png'}: a link to {tmp_path / 'gone'}")):
+        load_dataset(tmp_path, size=8)
+
+
 def test_csv_header_spaces_suffix_case_seed_and_class_count(tmp_path):
     path = _ham(tmp_path, ["mel", "nv"] * 10)
     path.write_text(path.read_text().replace("image_id,dx", "image_id, dx"))  # "dx" after a space still matches

@@ -220,11 +220,19 @@ def read_image(path, size, mode, stats=None, bit_depth=None):
     except DataError:  # a ValueError as well: _to_8bit's own message names what to fix
         raise
     except DAMAGED_IMAGE_ERRORS as err:
+        if os.path.islink(path) and not os.path.exists(path):  # said as '[Errno 2] No such file or directory'
+            raise DataError(_broken_link(path)) from None
         raise DataError(f"{path}: not a readable image ({err})") from None
     except Image.DecompressionBombError as err:  # Pillow's guard against huge images: not an OSError
         raise DataError(f"{path}: too large to read ({err}); downscale it") from None
     arr = np.asarray(img, dtype=np.uint8)
     return arr if arr.ndim == 3 else arr[:, :, None]
+
+
+def _broken_link(path):
+    """The error for a symbolic link whose target is gone (a class folder or image on a drive not mounted)."""
+    return (f"{path}: a link to {os.readlink(path)}, which does not exist (a drive not mounted, or the target moved?); "
+            "restore its target or remove the link")
 
 
 def _has_colour(img):
@@ -553,8 +561,12 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
     _check_mode(mode, f"load_busi({folder})", default_ok=True)
     check_sklearn_seed(f"load_busi({folder})", seed)  # before reading every image
     bit_depth = _check_bit_depth(bit_depth, f"load_busi({folder})")
-    subdirs = {}
+    subdirs, dead = {}, {}
     for p in sorted(folder.iterdir()):
+        # a link to a class folder that is gone: its class left out without a word until 2026-12-07 (a file's, named
+        # with a suffix, is no class)
+        if not p.suffix and p.is_symlink() and not p.exists() and not is_hidden(p):
+            dead[p.name.lower()] = p
         if p.is_dir() and not is_hidden(p):
             if p.name.lower() in subdirs:  # one of them would be dropped silently
                 raise DataError(f"{folder}: class folders {subdirs[p.name.lower()].name} and {p.name} differ only "
@@ -563,6 +575,9 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
     chosen = classes is not None  # an error about the classes then names the classes= argument (--classes)
     if classes is None:
         classes = [c for c in BUSI_ORDER if c in subdirs] + sorted(c for c in subdirs if c not in BUSI_ORDER)
+        if dead:  # a broken link's class would be left out; classes= leaving it out reads the rest
+            raise DataError(_broken_link(next(iter(dead.values())))
+                            + f", or leave it out with classes= (--classes {','.join(classes)})")
     # a name typed composed (NFC, as keyboards write "é") matches a folder whose name macOS wrote decomposed (NFD,
     # "e" + U+0301, kept by its zips), or the other way: refused until 2026-12-07 as 'class folder(s) mélanome not
     # found (found: mélanome, ...)'. The folder's own form is the class name, as without classes=
@@ -588,6 +603,8 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
                             f"class ({folder}/<class>/) and pass that folder")
 
     missing = [c for c in classes if c not in subdirs]
+    if any(c in dead for c in missing):  # "not found (found: ...)" of a folder the user sees
+        raise DataError(_broken_link(dead[next(c for c in missing if c in dead)]))
     if missing:
         # `--classes melanoma,nevus` of isic/Train/melanoma/ ... said "class folder(s) melanoma, nevus not found
         # (found: test, train)"
