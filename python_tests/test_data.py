@@ -661,7 +661,7 @@ def test_csv_subset_filter_is_recorded(tmp_path):
     with pytest.raises(DataError, match=r"1 image\(s\) listed but not found"):
         load_dataset(path, size=8)
     (tmp_path / "imgs" / "im2.jpg").touch()
-    with pytest.raises(DataError, match=r"im2\.jpg: not a readable image"):
+    with pytest.raises(DataError, match=r"im2\.jpg: an empty file \(0 bytes\), no image"):
         load_dataset(path, size=8)
 
 
@@ -1248,6 +1248,20 @@ def test_busi_broken_links_are_said_not_left_out(tmp_path):
     (tmp_path / "bcc").unlink()
     (tmp_path / "mel" / "x.png").symlink_to(tmp_path / "gone" / "x.png")
     with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'mel' / 'x.png'}: a link to {tmp_path / 'gone'}")):
+        load_dataset(tmp_path, size=8)
+
+
+def test_an_empty_image_file_is_said_to_be_empty(tmp_path):
+    """A 0-byte image file (an interrupted download) was 'not a readable image (cannot identify image file PATH)',
+    its path twice and its emptiness unsaid."""
+    for c in ("mel", "nv"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            _png(tmp_path / c / f"{i}.png", (8, 8), 10 * i)
+    (tmp_path / "mel" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'mel' / 'empty.jpg'}: an empty file (0 bytes), no "
+                                                  "image (an interrupted download or copy?); copy it again or "
+                                                  "remove it") + "$"):
         load_dataset(tmp_path, size=8)
 
 

@@ -222,6 +222,9 @@ def read_image(path, size, mode, stats=None, bit_depth=None):
     except DAMAGED_IMAGE_ERRORS as err:
         if os.path.islink(path) and not os.path.exists(path):  # said as '[Errno 2] No such file or directory'
             raise DataError(_broken_link(path)) from None
+        if os.path.isfile(path) and os.path.getsize(path) == 0:  # said as "cannot identify image file 'PATH'"
+            raise DataError(f"{path}: an empty file (0 bytes), no image (an interrupted download or copy?); copy it "
+                            "again or remove it") from None
         raise DataError(f"{path}: not a readable image ({err})") from None
     except Image.DecompressionBombError as err:  # Pillow's guard against huge images: not an OSError
         raise DataError(f"{path}: too large to read ({err}); downscale it") from None
