@@ -1265,6 +1265,25 @@ def test_an_empty_image_file_is_said_to_be_empty(tmp_path):
         load_dataset(tmp_path, size=8)
 
 
+def test_csv_ids_match_files_named_in_the_other_unicode_form(tmp_path):
+    """CSV ids typed composed (NFC, 'lésion 0') name the files macOS's zip wrote decomposed (NFD): as a name with
+    or without its extension, or a path relative to the CSV's folder; they were 'listed but not found'."""
+    import unicodedata
+
+    (tmp_path / "imgs").mkdir()
+    ids = []
+    for i in range(20):
+        name = f"l\u00e9sion {i}"
+        _png(tmp_path / "imgs" / f"{unicodedata.normalize('NFD', name)}.jpg", (8, 8), 8 * i, mode="RGB")
+        ids.append([name, f"{name}.jpg", f"imgs/{name}.jpg", f"imgs/{name}"][i % 4])
+    rows = [f"{image_id},{'mel' if i % 2 else 'nv'}" for i, image_id in enumerate(ids)]
+    (tmp_path / "meta.csv").write_text("image_id,dx\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    s = load_dataset(tmp_path / "meta.csv", size=8)
+    assert s.info.extra["class_counts"] == {"mel": 10, "nv": 10}
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+    assert sorted(round(float(v) * 255) for v in x[:, 0, 4, 4]) == [8 * i for i in range(20)]
+
+
 def test_csv_header_spaces_suffix_case_seed_and_class_count(tmp_path):
     path = _ham(tmp_path, ["mel", "nv"] * 10)
     path.write_text(path.read_text().replace("image_id,dx", "image_id, dx"))  # "dx" after a space still matches

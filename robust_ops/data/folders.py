@@ -327,8 +327,15 @@ def _check_16_bit(stats, where, bit_depth=None, stacklevel=1):
              f"image, read with bit_depth={bits} (--bit-depth {bits})", stacklevel=stacklevel + 2)
 
 
+def _composed(text):
+    """``text`` in Unicode's composed form (NFC, as keyboards and most programs write "é"), so a name macOS wrote
+    decomposed (NFD, "e" + U+0301, kept by its zips) matches the same name typed."""
+    return unicodedata.normalize("NFC", text)
+
+
 def _images_by_stem(folder):
-    """The image files directly in ``folder`` by stem, sorted ({} where it is no folder): load_csv's ids holding a
+    """The image files directly in ``folder`` by stem (composed: :func:`_composed`), sorted ({} where it is no
+    folder): load_csv's ids holding a
     folder and no extension (pat1/view1) look theirs up here, the folder listed once; a glob of each row's name read
     its folder once a row, 0.34 s for 2,000 rows of 200 folders (measured on a loaded 2-core machine)."""
     stems = {}
@@ -338,7 +345,7 @@ def _images_by_stem(folder):
         files = []
     for q in files:
         if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file():
-            stems.setdefault(q.stem, []).append(q)
+            stems.setdefault(_composed(q.stem), []).append(q)
     return stems
 
 
@@ -909,8 +916,8 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
             # a file of that name from any folder (pat3/view0.png, no pat3/, read pat1/view0.png, another class's)
             if p.parent not in listed:
                 listed[p.parent] = _images_by_stem(p.parent)
-            found = [q for q in listed[p.parent].get(p.stem, ()) if q.suffix.lower() == p.suffix.lower()] \
-                if p.suffix.lower() in IMAGE_SUFFIXES else list(listed[p.parent].get(p.name, ()))
+            found = [q for q in listed[p.parent].get(_composed(p.stem), ()) if q.suffix.lower() == p.suffix.lower()] \
+                if p.suffix.lower() in IMAGE_SUFFIXES else list(listed[p.parent].get(_composed(p.name), ()))
         if found:
             index[image_id] = found
     # the names without a folder: an id with one names its file by path, found above or not at all
@@ -918,13 +925,18 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
               and "\\" not in image_id}
     # a name with its extension in other case (img1.jpg for img1.JPG), which the name without it matched: taken
     # where no file has the exact name
-    folded = {Path(i).stem + Path(i).suffix.lower(): i for i in wanted if Path(i).suffix.lower() in IMAGE_SUFFIXES}
+    folded = {_composed(Path(i).stem) + Path(i).suffix.lower(): i for i in wanted
+              if Path(i).suffix.lower() in IMAGE_SUFFIXES}
+    # each id by its composed form: an id typed "lésion 0" names the file macOS's zip wrote decomposed, which until
+    # 2026-12-07 was "listed but not found", told to put the image files under the folder holding them
+    composed = {_composed(i): i for i in wanted}
     other_case = {}
     for p in sorted(root.rglob("*")) if wanted else ():
-        key = p.name if p.name in wanted else p.stem  # a name with its extension (img1.png) or without
-        other = None if key in wanted else folded.get(p.stem + p.suffix.lower())
+        name, stem = _composed(p.name), _composed(p.stem)
+        key = composed.get(name, composed.get(stem))  # a name with its extension (img1.png) or without; None: no id's
+        other = None if key is not None else folded.get(stem + p.suffix.lower())
         # the names first: the file-system checks (a stat each) only for a file an id may name
-        if (key not in wanted and other is None) or p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file() \
+        if (key is None and other is None) or p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file() \
                 or is_hidden(p, root):
             continue
         if other is None:
