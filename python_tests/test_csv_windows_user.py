@@ -4,6 +4,7 @@ ones trains and evaluates with every image read on one scale under its own label
 read (semicolons, other column names, other encodings, a row twice, a file missing) is one line naming the fix."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -185,7 +186,7 @@ def test_getting_started_says_how_a_windows_export_is_read():
 def test_excels_sep_line_is_skipped_and_counted_in_line_numbers(data):
     """Excel writes a first line "sep=," when asked to name the separator: a comma CSV otherwise right was refused as
     "missing column 'image_id' (found: sep=, )". It is skipped, its line still counted in the errors' line numbers;
-    "sep=;" keeps the semicolon advice (found by the data5 helper)."""
+    "sep=;" and "sep=<tab>" keep the separator advice (found by the data5 and mut55 helpers)."""
     from robust_ops.data import DataError, load_dataset
 
     text = "\r\n".join(["sep=,", "image_id,dx"] + [",".join(r) for r in _windows_rows()]) + "\r\n"
@@ -198,9 +199,10 @@ def test_excels_sep_line_is_skipped_and_counted_in_line_numbers(data):
     (data / "empty.csv").write_text(text.replace("case002.png,Benign ", "case002.png,"))  # the file's line 5
     with pytest.raises(DataError, match=r"empty\.csv: line 5: empty 'dx'"):
         load_dataset(data / "empty.csv", size=8, channels=1)
-    (data / "semi.csv").write_text(text.replace(",", ";"))
-    with pytest.raises(DataError, match=r"the header looks ';'-separated: save the file comma-separated"):
-        load_dataset(data / "semi.csv", size=8, channels=1)
+    for sep in (";", "\t"):  # "sep=\t": its tab was stripped with the header's names, and no hint was given
+        (data / "other.csv").write_text(text.replace(",", sep))
+        with pytest.raises(DataError, match=re.escape(f"the header looks {sep!r}-separated: save")):
+            load_dataset(data / "other.csv", size=8, channels=1)
 
 
 @pytest.mark.parametrize("name, fix", [("labels.csv.txt", "a CSV whose name ends in .txt (which Windows hides): "

@@ -770,11 +770,13 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
             skipped = 1 if f.readline().strip() == "sep=," else 0
             if not skipped:
                 f.seek(0)
-            fields = [name.strip() for name in reader.fieldnames or []]
+            # before stripping: "sep=\t" (Excel's line in a tab-separated file) would lose the tab its hint names
+            raw_fields = reader.fieldnames or []
+            fields = [name.strip() for name in raw_fields]
             reader.fieldnames = fields
             for col in (id_column, label_column):
                 if col not in fields:
-                    sep = next((c for c in ";\t|" if len(fields) == 1 and c in fields[0]), None)
+                    sep = next((c for c in ";\t|" if len(fields) == 1 and c in raw_fields[0]), None)
                     hint = f"; the header looks {sep!r}-separated: save the file comma-separated" if sep else ""
                     pixels = [f for f in fields if re.fullmatch(r"(?:pixel_?)?[0-9]+", f, re.IGNORECASE)]
                     if not hint and len(pixels) >= 16:  # hmnist_28_28_RGB.csv: pixel0000 ... pixel2351, label
