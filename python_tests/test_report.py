@@ -401,6 +401,20 @@ def test_markdown_report_links_its_figures_and_states_its_configuration_and_envi
     assert "## Configuration" not in text and "![" not in text and "git abc123, today." in text
 
 
+def test_markdown_report_refuses_a_title_or_extra_that_is_no_text_as_write_results_does():
+    """markdown_report(doc, title=3) wrote the heading "# 3" where write_results(title=3) is refused (found by the
+    cli12 helper): one check for both, each message naming its own function and argument."""
+    doc = _doc([dict(_CLEAN_ROW)])
+    cases = [({"title": 3}, "markdown_report: expected title to be a string or None, got 3; give report.md's heading "
+                            "as text, such as title='3', or None for 'Robustness evaluation'"),
+             ({"extra": ["a", "b"]}, "markdown_report: expected extra to be a string or None, got ['a', 'b']; join "
+                                     "its lines into one text: extra='\\n'.join(lines)")]
+    for kwargs, want in cases:
+        with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+            report.markdown_report(doc, **kwargs)
+    assert report.markdown_report(doc, title="3", extra="x").startswith("# 3\n")
+
+
 def test_radius_figure_title_marks_synthetic_data(tmp_path, monkeypatch):
     rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "accuracy": 0.9},
             {"method": "m", "attack": "fgsm", "norm": "linf", "eps": 0.1, "accuracy": 0.5}]

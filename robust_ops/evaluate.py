@@ -1080,18 +1080,6 @@ def _check_saliency(saliency, rows):
     return models, x, y
 
 
-def _text_hint(arg, value):
-    """write_results' fix for a ``title`` or ``extra_markdown`` ``value`` that is no text: a number as its text
-    (title=3 was taken as the heading "3" until 2026-12-07), Markdown lines joined into one text."""
-    lines = isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)
-    if arg == "extra_markdown" and lines:
-        return "join its lines into one text: extra_markdown='\\n'.join(lines)"
-    example = repr(str(value)) if isinstance(value, numbers.Number) and not isinstance(value, bool) else "'...'"
-    if arg == "title":
-        return f"give report.md's heading as text, such as title={example}, or None for 'Robustness evaluation'"
-    return f"give the Markdown as text, such as extra_markdown={example}, or None for none"
-
-
 def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None, notes=None, title=None,
                   figures=True, saliency=None, extra_markdown=None, extra_fields=None):
     """Write results.json, report.md and the figures into ``out_dir`` atomically; returns the written paths. Figures
@@ -1137,9 +1125,9 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
     except TypeError as err:
         raise EvalError("figures", str(err)) from None
     for arg, text in (("title", title), ("extra_markdown", extra_markdown)):  # 3: a TypeError joining report.md
-        if not (text is None or isinstance(text, str)):
-            raise EvalError(arg, f"write_results: expected {arg} to be a string or None, got {text!r:.60}; "
-                                 f"{_text_hint(arg, text)}")
+        problem = report.report_text_problem("write_results", arg, text)
+        if problem:
+            raise EvalError(arg, problem)
     _check_out_dir(out_dir)
     saliency = _check_saliency(saliency, rows)
     doc = results_document(rows, info, config, device, paper, notes, extra_fields)

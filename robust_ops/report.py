@@ -4,6 +4,7 @@ drawn outside pyplot (no display needed; pyplot's backend and open figures are l
 
 import decimal
 import math
+import numbers
 import os
 import re
 import textwrap
@@ -412,12 +413,34 @@ def _samples_text(rows):
     return ", ".join(f"{text} ({method})" for method, text in per_method.items())
 
 
+def report_text_problem(func, arg, value):
+    """The one-line refusal of ``func``'s (markdown_report's, write_results') ``arg``, report.md's ``title`` or
+    extra Markdown, for a ``value`` that is neither text nor None, else None: title=3 was written as the heading "# 3"
+    by markdown_report, refused by write_results. The message says how to give it: a number as its text, Markdown
+    lines joined into one text."""
+    if value is None or isinstance(value, str):
+        return None
+    lines = isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)
+    if arg != "title" and lines:
+        hint = f"join its lines into one text: {arg}='\\n'.join(lines)"
+    else:
+        example = repr(str(value)) if isinstance(value, numbers.Number) and not isinstance(value, bool) else "'...'"
+        hint = (f"give report.md's heading as text, such as title={example}, or None for 'Robustness evaluation'"
+                if arg == "title" else f"give the Markdown as text, such as {arg}={example}, or None for none")
+    return f"{func}: expected {arg} to be a string or None, got {value!r:.60}; {hint}"
+
+
 def markdown_report(doc, title=None, figures=(), extra=None):
     """report.md's text for ``doc``, a results.json document (write_results's): the dataset line, a pivot table per
     reported metric, notes on undefined values and missing rows, per-class recall (multi-class), ``extra`` (Markdown
     text or None, the default), the table of all rows, ``figures`` (image file names, each embedded; default none),
     the configuration and the environment. ``title``: the heading; None (default): "Robustness evaluation". One file
-    name as a string or a path (``Path("a.png")``) is that one figure."""
+    name as a string or a path (``Path("a.png")``) is that one figure. A ``title`` or ``extra`` that is neither text
+    nor None (``title=3``) is a ValueError, as write_results refuses it."""
+    for arg, text in (("title", title), ("extra", extra)):  # title=3: "# 3", as write_results refuses it
+        problem = report_text_problem("markdown_report", arg, text)
+        if problem:
+            raise ValueError(problem)
     info = doc["dataset"]
     rows = doc["rows"]
     env = doc["environment"]
