@@ -415,6 +415,24 @@ def test_markdown_report_refuses_a_title_or_extra_that_is_no_text_as_write_resul
     assert report.markdown_report(doc, title="3", extra="x").startswith("# 3\n")
 
 
+def test_report_md_shows_the_paper_rows_and_notes_results_json_records(tmp_path):
+    """write_results(paper=..., notes=...) recorded them in results.json, but report.md showed neither (measured:
+    '"paper X" in report.md' False); reproduce added its own comparison through extra_markdown (found by the cli12
+    helper). markdown_report now writes the comparison, a column pair per metric the paper rows give, and the notes."""
+    from robust_ops.evaluate import write_results
+
+    rows = [dict(_CLEAN_ROW), dict(_CLEAN_ROW, attack="pgd", norm="linf", eps=8 / 255, accuracy=0.4, f1=0.3)]
+    paper = [{"source": "paper X", "method": "M", "attack": "PGD", "eps": 8 / 255, "f1": 0.35, "accuracy": 0.5}]
+    info = DatasetInfo("d", 2, 1, 8, ("a", "b"), positive_class=1)
+    text = write_results(tmp_path, rows, info, figures=False, paper=paper, notes=["one note"])["report"].read_text()
+    assert ("## Published numbers beside ours\n\n| method | attack | ε | paper source | F1 (paper) | F1 (ours) | "
+            "Accuracy (paper) | Accuracy (ours) |\n|---|---|---|---|---|---|---|---|\n"
+            "| M | PGD | 8/255 | paper X | 0.350 | 0.300 | 0.500 | 0.400 |\n\n## Notes\n\n- one note\n") in text
+    assert text.index("## Notes") < text.index("## All rows")
+    text = write_results(tmp_path, rows, info, figures=False)["report"].read_text()
+    assert "Published numbers" not in text and "## Notes" not in text
+
+
 def test_radius_figure_title_marks_synthetic_data(tmp_path, monkeypatch):
     rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "accuracy": 0.9},
             {"method": "m", "attack": "fgsm", "norm": "linf", "eps": 0.1, "accuracy": 0.5}]

@@ -1094,9 +1094,10 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
             numpy and torch numbers are recorded as the numbers they hold, a path, torch.device or torch.dtype as
             its text, a fraction or Decimal as its float (a Decimal NaN as null, as a float NaN).
         device: the device the rows were computed on (default "cpu"), recorded in results.json's ``environment``.
-        paper: the published numbers to compare with (reproduce's), recorded as results.json's ``paper``; None
-            (default) or empty: not recorded.
-        notes: recorded as results.json's ``notes``; None (default) or empty: not recorded.
+        paper: the published numbers to compare with (reproduce's), recorded as results.json's ``paper`` and shown
+            beside ours in report.md (report.paper_comparison_table); None (default) or empty: not recorded.
+        notes: a list of text, recorded as results.json's ``notes`` and report.md's Notes; None (default) or empty:
+            not recorded.
         title: report.md's heading, text (a number is refused, the message giving it as text: title='3'); None
             (default): "Robustness evaluation".
         figures: draw ``<metric>_vs_eps.png`` (and the saliency maps) when True (default); False draws none.

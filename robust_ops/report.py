@@ -430,13 +430,24 @@ def report_text_problem(func, arg, value):
     return f"{func}: expected {arg} to be a string or None, got {value!r:.60}; {hint}"
 
 
+def _paper_metrics(paper):
+    """The metrics ``paper`` rows (results.json's ``paper``) give numbers of, in order of first appearance: report.md's
+    comparison columns."""
+    seen = []
+    for p in paper:
+        seen += [k for k in p if k in METRIC_LABELS and k not in seen]
+    return seen
+
+
 def markdown_report(doc, title=None, figures=(), extra=None):
     """report.md's text for ``doc``, a results.json document (write_results's): the dataset line, a pivot table per
-    reported metric, notes on undefined values and missing rows, per-class recall (multi-class), ``extra`` (Markdown
-    text or None, the default), the table of all rows, ``figures`` (image file names, each embedded; default none),
-    the configuration and the environment. ``title``: the heading; None (default): "Robustness evaluation". One file
-    name as a string or a path (``Path("a.png")``) is that one figure. A ``title`` or ``extra`` that is neither text
-    nor None (``title=3``) is a ValueError, as write_results refuses it."""
+    reported metric, notes on undefined values and missing rows, per-class recall (multi-class), the published numbers
+    of its ``paper`` rows beside ours (paper_comparison_table, a column pair per metric they give) and its ``notes``
+    (a list, each a bullet) when it holds them, ``extra`` (Markdown text or None, the default), the table of all
+    rows, ``figures`` (image file names, each embedded; default none), the configuration and the environment.
+    ``title``: the heading; None (default): "Robustness evaluation". One file name as a string or a path
+    (``Path("a.png")``) is that one figure. A ``title`` or ``extra`` that is neither text nor None (``title=3``) is a
+    ValueError, as write_results refuses it."""
     for arg, text in (("title", title), ("extra", extra)):  # title=3: "# 3", as write_results refuses it
         problem = report_text_problem("markdown_report", arg, text)
         if problem:
@@ -469,6 +480,12 @@ def markdown_report(doc, title=None, figures=(), extra=None):
         lines += ["## Per-class recall", "", "Share of each class's samples predicted as that class (results.json's "
                   f"`confusion`{summed}: row = true class, column = predicted class, label order).", "",
                   per_class_recall_table(rows, info["class_names"]), ""]
+    paper, notes = doc.get("paper"), doc.get("notes")
+    if paper:  # write_results(paper=...) recorded them in results.json, and report.md showed no comparison
+        lines += ["## Published numbers beside ours", "", paper_comparison_table(rows, paper, _paper_metrics(paper)),
+                  ""]
+    if notes:
+        lines += ["## Notes", "", *(f"- {n}" for n in ([notes] if isinstance(notes, str) else notes)), ""]
     if extra:
         lines += [extra, ""]
     lines += ["## All rows", "", markdown_table(rows, metrics), ""]

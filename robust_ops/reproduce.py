@@ -1049,8 +1049,6 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     if quick:
         notes.insert(0, f"QUICK MODE: a smoke run on small subsets for a few epochs, attacks capped at {QUICK_STEPS} "
                         "steps / draws; the numbers in this report mean nothing.")
-    extra = "\n".join(["## Published numbers beside ours", "", comparison, "", "## Notes", "",
-                       *(f"- {n}" for n in notes)])
     config = {"protocol": protocol.name, "paper": protocol.paper, "quick": quick, "data": data, "size": size,
               # the data settings each run.json records: which images of the data the rows are of
               "classes": list(classes) if classes is not None else None, "bit_depth": bit_depth, "channels": channels,
@@ -1071,8 +1069,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     title = f"Reproduction: {protocol.paper}" + (" (QUICK MODE: a smoke run, its numbers mean nothing)" if quick
                                                  else "")
     paths = write_results_to_out(out, rows, info, config=config, device=device, paper=protocol.paper_rows,
-                                 notes=notes, title=title, saliency=saliency,
-                                 extra_markdown=extra, extra_fields={"per_run_rows": all_rows})
+                                 notes=notes, title=title, saliency=saliency, extra_fields={"per_run_rows": all_rows})
     print()
     # what the table's sensitivity is of, and the classes its macro averages leave out, as eval prints them
     described = info.to_dict()
