@@ -1964,11 +1964,44 @@ def test_run_protocol_checks_its_out_as_the_command_does(tmp_path, capsys):
                                          "not exist; make that folder first"),
                       (tmp_path / "run", f"--out: {tmp_path / 'run'} holds a training run (run.json: a train --out), "
                                          "not reproduce's results; choose another --out for reproduce")):
-        with pytest.raises(ValueError, match=f"^run_protocol: out: {re.escape(said.split(': ', 1)[1])}$"):
+        # its argument out, where the command says --out; train's --out stays
+        python = said.split(": ", 1)[1].replace("another --out", "another out")
+        with pytest.raises(ValueError, match=f"^run_protocol: out: {re.escape(python)}$"):
             run_protocol("arfl-moons", out=out, quick=True, epochs=1, seeds=1, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "lnk", "run"]
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["run.json"] and capsys.readouterr().out == ""
 
+
+
+def test_run_protocol_refusals_name_its_arguments_and_the_command_its_flags(small_npz, tmp_path, capsys):
+    """run_protocol's refusals other than its counts, lr and out spoke flags to a Python caller as a plain CLIError
+    ('--paper-schedule: ...; leave --paper-schedule out', '--seeds: tiny-kfold has 2 folds, got 3', '--methods:
+    ...', '--data: ...'), and the converted ones kept flags in their body ('choose another --out for reproduce');
+    cli.ArgumentError failed on a message without a '--flag: ' lead (found by the cli12 helper). Each is now a
+    ValueError in run_protocol's argument names; the command prints its flags."""
+    from robust_ops.cli import ArgumentError, CLIError
+    from robust_ops.reproduce import run_protocol
+
+    cases = [("ima-bus", dict(paper_schedule=True), "paper_schedule: ima-bus's paper trains without a warm-up or early "
+              "stopping to add (protocols with one: dpaat-bus); leave paper_schedule out", ["--paper-schedule"]),
+             ("dpaat-bus", dict(paper_schedule=True, lr=0.1), "lr: paper_schedule trains at the paper's lr 0.0003; "
+              "leave one of them out", ["--paper-schedule", "--lr", "0.1"]),
+             ("arfl-moons", dict(methods=["nope"]), "methods: arfl-moons has no method nope; choose from ",
+              ["--methods", "nope"]),
+             (_tiny_protocol("kfold", [("Baseline", "standard")]), dict(data=str(small_npz), seeds=3),
+              "seeds: tiny-kfold has 2 folds, got 3", None)]
+    for protocol, given, said, flags in cases:
+        with pytest.raises(ValueError, match=f"^run_protocol: {re.escape(said)}") as err:
+            run_protocol(protocol, out=tmp_path / "r", quick=True, progress=False, **given)
+        assert isinstance(err.value, CLIError) and "--" not in str(err.value), str(err.value)
+        lead = said.split(": ", 1)[0]
+        assert err.value.command_words.startswith(f"--{lead.replace('_', '-')}: "), err.value.command_words
+        if flags:
+            rc, _, out = run(["reproduce", protocol, "--quick", "--out", tmp_path / "r", *flags], capsys)
+            assert rc == 2 and out.strip().startswith(f"robust-ops reproduce: error: --{lead.replace('_', '-')}: "), out
+    assert str(ArgumentError("f", CLIError("tiny: RUN was trained with x=1; delete RUN or use another --out"),
+                             ("out",))) == "f: tiny: RUN was trained with x=1; delete RUN or use another out"
+    assert str(ArgumentError("f", CLIError("no lead --size 8"))) == "f: no lead --size 8"
 
 
 @pytest.mark.parametrize("given", [dict(epochs=1.5), dict(epochs=True), dict(epochs="2"), dict(seeds=1.0),
@@ -2461,12 +2494,13 @@ def test_dpaat_bus_paper_schedule_adds_the_warmup_and_early_stopping_and_resume_
         reproduce.run_protocol(dpaat, out=tmp_path / "plain", quick=True, **common)
     assert (calls[-1]["epochs"], calls[-1]["warmup_epochs"], calls[-1]["early_stopping"]) == (2, 0, None)
     run_dir = tmp_path / "plain" / "runs-quick" / "std" / "seed0"
-    with pytest.raises(cli.CLIError, match=rf"^--paper-schedule: {re.escape(str(run_dir))} was trained without "
-                                           r"--paper-schedule \(lr=0\.001\), this command runs with "
-                                           r"--paper-schedule \(lr=0\.0003\); rerun without --paper-schedule, "):
+    with pytest.raises(cli.CLIError, match=rf"^run_protocol: paper_schedule: {re.escape(str(run_dir))} was trained "
+                                           r"without paper_schedule \(lr=0\.001\), this command runs with "
+                                           r"paper_schedule \(lr=0\.0003\); rerun without paper_schedule, "):
         reproduce.run_protocol(dpaat, out=tmp_path / "plain", quick=True, paper_schedule=True, **common)
-    with pytest.raises(cli.CLIError, match=r"^--paper-schedule: ima-bus's paper trains without a warm-up or early "
-                                           r"stopping to add \(protocols with one: dpaat-bus\); leave "):
+    with pytest.raises(cli.CLIError, match=r"^run_protocol: paper_schedule: ima-bus's paper trains without a "
+                                           r"warm-up or early stopping to add \(protocols with one: "
+                                           r"dpaat-bus\); leave "):
         reproduce.run_protocol(reproduce.PROTOCOLS["ima-bus"], out=tmp_path / "ima", quick=True, paper_schedule=True,
                                **common)
     assert "--paper-schedule` adds the paper's schedule" in reproduce.describe(dpaat)
@@ -2475,9 +2509,10 @@ def test_dpaat_bus_paper_schedule_adds_the_warmup_and_early_stopping_and_resume_
     # as "trained with --paper-schedule (warmup_epochs=1) ...; rerun with --paper-schedule"
     record = tmp_path / "paperTrue" / "runs-quick" / "std" / "seed0" / "run.json"
     cli.write_json_atomic(record, {**json.loads(record.read_text()), "lr": 1e-3})
-    with pytest.raises(cli.CLIError, match=rf"^--paper-schedule: {re.escape(str(record.parent))} was trained with "
-                                           r"--paper-schedule before it took the paper's lr \(lr=0\.001, this "
-                                           r"command's lr=0\.0003\); no command continues it: delete "):
+    with pytest.raises(cli.CLIError, match=rf"^run_protocol: paper_schedule: {re.escape(str(record.parent))} was "
+                                           r"trained with paper_schedule before it took the paper's lr "
+                                           r"\(lr=0\.001, this command's lr=0\.0003\); no command continues it: "
+                                           r"delete "):
         reproduce.run_protocol(dpaat, out=tmp_path / "paperTrue", quick=True, paper_schedule=True, **common)
 
 
@@ -2506,9 +2541,10 @@ def test_paper_schedule_runs_note_it_record_it_and_count_the_warmup_apart_from_e
     reproduce(2)
     assert "[seed0] resuming after epoch 2: STD (standard, 3 epochs) ..." in capsys.readouterr().out
     run_dir = out / "runs" / "std" / "seed0"
-    with pytest.raises(cli.CLIError, match=rf"^--epochs: {re.escape(str(run_dir))} holds 3 epochs of training \(1 of "
-                                           r"them --paper-schedule's warm-up\), more than --epochs 1 and the warm-up; "
-                                           r"rerun with --epochs 2, or delete "):
+    with pytest.raises(cli.CLIError, match=rf"^run_protocol: epochs: {re.escape(str(run_dir))} holds 3 epochs of "
+                                           r"training \(1 of them paper_schedule's warm-up\), more than epochs 1 and "
+                                           r"the warm-up; "
+                                           r"rerun with epochs 2, or delete "):
         reproduce(1)
 
 
@@ -2814,6 +2850,12 @@ def test_eval_of_an_empty_split_or_a_nan_checkpoint(trained_run, tmp_path, capsy
     assert not (nan_run / "eval").exists()
 
 
+def cmd_words(err):
+    """The command's words (``--epochs: ...``, which `robust-ops reproduce` prints) of run_protocol's refusal ``err``
+    (a pytest.raises' ExceptionInfo): a Python caller reads its arguments' names (cli.ArgumentError)."""
+    return err.value.command_words
+
+
 def _tiny_protocol(split, methods, quick=None):
     from robust_ops.evaluate import AttackSpec
     from robust_ops.reproduce import EvalPlan, Method, Protocol
@@ -2845,7 +2887,7 @@ def test_reproduce_kfold_refuses_more_seeds_than_folds(small_npz, tmp_path):
     from robust_ops.reproduce import run_protocol
 
     proto = _tiny_protocol("kfold", [("Baseline", "standard")])
-    with pytest.raises(cli.CLIError, match=r"^--seeds: tiny-kfold has 2 folds, got 3$"):
+    with pytest.raises(cli.CLIError, match=r"^run_protocol: seeds: tiny-kfold has 2 folds, got 3$"):
         run_protocol(proto, out=tmp_path / "cv", data=str(small_npz), seeds=3, progress=False)
     assert not (tmp_path / "cv" / "runs").exists()
 
@@ -2921,14 +2963,14 @@ def test_reproduce_resume_checks_every_run_first(small_npz, tmp_path, capsys):
     run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)
     with pytest.raises(CLIError) as err:
         run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=2, progress=False)
-    msg = str(err.value)
+    msg = cmd_words(err)
     assert msg.startswith("--epochs: ") and "--epochs 1" in msg and "delete" in msg and "--resume" not in msg
     assert epochs_done(out / "runs" / "std" / "seed0") == 1  # nothing trained further before the refusal
     assert json.loads((out / "runs" / "std" / "seed0" / "run.json").read_text())["epochs"] == 1
     proto.methods = proto.methods[:1]
     run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=2, progress=False)
-    with pytest.raises(CLIError, match=r"^--epochs: .* holds 2 epochs of training, more than --epochs 1; rerun with "
-                                       r"--epochs 2"):
+    with pytest.raises(CLIError, match=r"^run_protocol: epochs: .* holds 2 epochs of training, more than epochs 1; "
+                                       r"rerun with epochs 2"):
         run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)
 
 
@@ -2947,8 +2989,9 @@ def test_reproduce_refuses_an_ima_run_of_other_epochs_under_paper_schedule_namin
     run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False, paper_schedule=True)
     run_doc = json.loads((out / "runs" / "ima" / "seed0" / "run.json").read_text())
     assert (run_doc["epochs"], run_doc["warmup_epochs"], run_doc["defense_options"]["delta"]) == (2, 1, 0.5)
-    with pytest.raises(CLIError, match=r"^--epochs: .* was trained with --epochs 1, and IMA's delta = eps_train / "
-                                       r"epochs follows it \(0\.5 there, 0\.25 now\); rerun with --epochs 1, or"):
+    with pytest.raises(CLIError, match=r"^run_protocol: epochs: .* was trained with epochs 1, and IMA's delta = "
+                                       r"eps_train / epochs follows it \(0\.5 there, 0\.25 now\); rerun with epochs 1, "
+                                       r"or"):
         run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=2, progress=False, paper_schedule=True)
     # the same --epochs, another delta (the protocol's eps_train): the settings' refusal, not --epochs'
     delta = ("defense_options", {"eps_train": 0.5, "delta": 0.5}, {"eps_train": 1.0, "delta": 1.0})
@@ -2973,7 +3016,7 @@ def test_reproduce_refusal_of_a_run_without_run_json_names_reproduces_way_on(sma
     capsys.readouterr()
     with pytest.raises(CLIError) as err:
         run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)
-    assert str(err.value) == (f"--epochs: {run_dir} holds 2 epochs of training, more than --epochs 1; rerun with "
+    assert cmd_words(err) == (f"--epochs: {run_dir} holds 2 epochs of training, more than --epochs 1; rerun with "
                               f"--epochs 2, or delete {run_dir} or use another --out")
     assert "loading" not in capsys.readouterr().out
     assert not (run_dir / "run.json").exists()
@@ -3008,19 +3051,19 @@ def test_reproduce_and_demo_check_a_run_without_run_json_before_training_any(sma
     (runs / "seed1" / "run.json").unlink()
     with pytest.raises(CLIError) as err:
         run_protocol(proto, out=out, data=str(small_npz), seeds=2, epochs=1, progress=False)
-    assert str(err.value).startswith(f"--epochs: {runs / 'seed1'} holds 2 epochs of training, more than --epochs 1")
+    assert cmd_words(err).startswith(f"--epochs: {runs / 'seed1'} holds 2 epochs of training, more than --epochs 1")
     assert not (runs / "seed0").exists()
     with pytest.raises(CLIError) as err:  # another --data, of fewer training images
         run_protocol(proto, out=out, data=str(fewer), seeds=2, epochs=2, progress=False)
     # named as reproduce's flag: it said 'tiny-seeds: ... was trained with num_samples=64, this command has
     # num_samples=48; rerun with its settings', a setting no flag of reproduce takes
-    assert str(err.value).startswith(f"--data: {runs / 'seed1'} was trained on 64 training images, this command's "
+    assert cmd_words(err).startswith(f"--data: {runs / 'seed1'} was trained on 64 training images, this command's "
                                      "--data has 48 in its training split; rerun with the --data and --classes it "
                                      "was trained on")
     assert not (runs / "seed0").exists()
     with pytest.raises(CLIError) as err:  # as many training images, others: fit refused them after seed0 trained
         run_protocol(proto, out=out, data=str(others), seeds=2, epochs=2, progress=False)
-    assert str(err.value).startswith(f"--data: {runs / 'seed1'} was trained on other training images than this "
+    assert cmd_words(err).startswith(f"--data: {runs / 'seed1'} was trained on other training images than this "
                                      "command's (as many, but other images or labels); rerun with the --data, "
                                      "--size, --classes, --bit-depth and --channels it was trained on")
     assert not (runs / "seed0").exists()
@@ -3080,7 +3123,7 @@ def test_resume_checks_the_training_images_run_json_records_before_training_any(
     seed1 = tmp_path / "r" / "runs" / "std" / "seed1"
     with pytest.raises(CLIError) as err:
         run_protocol(proto, out=tmp_path / "r", data=str(data), seeds=2, epochs=1, progress=False)
-    assert str(err.value).startswith(f"--data: {seed1} was trained on other training images than this command's")
+    assert cmd_words(err).startswith(f"--data: {seed1} was trained on other training images than this command's")
     assert not (seed1.parent / "seed0").exists()
     rc, _, err = run(train + ["--resume"], capsys)
     one_line_error(rc, err, f"--resume: {tmp_path / 't' / 'run.json'} was trained on other training images than "
@@ -3249,8 +3292,8 @@ def test_reproduce_resume_refusal_names_every_run_to_delete(small_npz, tmp_path,
     with pytest.raises(CLIError) as err:
         run(out, 1)
     # the error leads with the first run the command would train (seed 0's first method), as the listing does
-    assert str(err.value).startswith(f"--epochs: {out / 'runs' / 'std' / 'seed0'} holds 2 epochs of training, ")
-    assert f"or delete {out / 'runs'} (none of its 4 runs can continue) or use another --out" in str(err.value)
+    assert cmd_words(err).startswith(f"--epochs: {out / 'runs' / 'std' / 'seed0'} holds 2 epochs of training, ")
+    assert f"or delete {out / 'runs'} (none of its 4 runs can continue) or use another --out" in cmd_words(err)
     shutil.rmtree(out / "runs")
     run(out, 1)  # as the error said
     out = tmp_path / "some"
@@ -3261,9 +3304,9 @@ def test_reproduce_resume_refusal_names_every_run_to_delete(small_npz, tmp_path,
     run_protocol(at_only, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)  # resumable at --epochs 1
     with pytest.raises(CLIError) as err:
         run(out, 1)
-    assert str(err.value).startswith(f"--epochs: {out / 'runs' / 'std' / 'seed0'} holds 2 epochs of training, ")
+    assert cmd_words(err).startswith(f"--epochs: {out / 'runs' / 'std' / 'seed0'} holds 2 epochs of training, ")
     assert (f"delete the 3 run folders in {out / 'runs'} this command cannot continue (std/seed0, std/seed1, "
-            "at/seed1) or use another --out") in str(err.value)
+            "at/seed1) or use another --out") in cmd_words(err)
     for name in ("std/seed0", "std/seed1", "at/seed1"):
         shutil.rmtree(out / "runs" / name)
     run(out, 1)
@@ -4495,7 +4538,7 @@ def test_resume_of_an_ima_checkpoint_without_run_json_of_another_delta_is_refuse
     (run_dir / "run.json").unlink()
     with pytest.raises(CLIError) as err:
         run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=2, progress=False)
-    assert str(err.value) == (f"--epochs: {run_dir} was trained with --epochs 1, and IMA's delta = eps_train / epochs "
+    assert cmd_words(err) == (f"--epochs: {run_dir} was trained with --epochs 1, and IMA's delta = eps_train / epochs "
                               f"follows it (0.5 there, 0.25 now); rerun with --epochs 1, or delete {run_dir} or use "
                               "another --out")
 
@@ -5703,7 +5746,7 @@ def test_reproduce_reads_16_bit_folders_at_the_bit_depth_given(tmp_path):
     _, splits, _ = cli.load_run(run_dir)
     x = torch.cat([splits.train.tensors[0], splits.val.tensors[0], splits.test.tensors[0]])
     assert float(x.max()) == 1.0
-    refused = r"^--bit-depth: .* was trained with --bit-depth 12, this command has no --bit-depth"
+    refused = r"^run_protocol: bit_depth: .* was trained with bit_depth 12, this command has no bit_depth"
     with pytest.raises(cli.CLIError, match=refused), \
             pytest.warns(UserWarning, match="12-bit data"):
         run_protocol(proto, out=tmp_path / "o", data=str(data), seeds=1, size=8, progress=False)
@@ -5731,11 +5774,11 @@ def test_reproduce_refusal_of_other_data_settings_names_the_flag(tmp_path):
                                 "--bit-depth 13; rerun with the --bit-depth it was trained with")):
         with pytest.raises(cli.CLIError) as err:
             run_protocol(proto, out=out, **{"data": str(data), "seeds": 1, "size": 8, "progress": False, **given})
-        assert str(err.value) == f"{message}, {way}"
+        assert cmd_words(err) == f"{message}, {way}"
     (data / "benign" / "0.png").unlink()  # the run's own folder, changed since
     with pytest.raises(cli.CLIError) as err:
         run_protocol(proto, out=out, data=str(data), seeds=1, size=8, progress=False, bit_depth=12)
-    assert str(err.value) == (f"--data: {run_dir} was trained when its --data held 20 images (benign 10, malignant "
+    assert cmd_words(err) == (f"--data: {run_dir} was trained when its --data held 20 images (benign 10, malignant "
                               f"10), it now holds 19 images (benign 9, malignant 10); restore the data, {way}")
 
 
@@ -5934,7 +5977,7 @@ def test_demo_and_reproduce_refuse_an_old_rare_class_split_naming_their_way_on(t
     line = one_line_error(rc, err, f"--resume: {tmp_path / 'demo' / 'runs' / 'standard' / 'run.json'} {why}")
     assert line.endswith(f"{why}to continue it, in Python, load_dataset(..., rare_classes='random') and fit(..., "
                          "resume=); or rerun without --resume, or use another --out"), line
-    assert str(refused.value) == (f"tiny-seeds: {run_dir / 'run.json'} {why}no option of reproduce draws that split "
+    assert cmd_words(refused) == (f"tiny-seeds: {run_dir / 'run.json'} {why}no option of reproduce draws that split "
                                   f"again, so it cannot continue the run: delete {run_dir} or use another --out")
 
 
@@ -6613,7 +6656,9 @@ def test_reproduce_rerun_with_size_equal_to_the_loaded_size_resumes(tmp_path):
     run_protocol(proto, out=tmp_path / "o", data=data, seeds=1, epochs=2, size=224, progress=False)
     run_dir = tmp_path / "o" / "runs" / "baseline" / "fold0"
     assert epochs_done(run_dir) == 2
-    refused = r"^--size: .* on 224x224 images \(--size 224\), this command reads them at 8x8; rerun with the --size"
+    # a Python caller reads its argument size (the command: --size)
+    refused = (r"^run_protocol: size: .* on 224x224 images \(size 224\), this command reads them at 8x8; rerun with "
+               r"the size")
     with pytest.raises(cli.CLIError, match=refused):
         run_protocol(proto, out=tmp_path / "o", data=data, seeds=1, epochs=3, size=8, progress=False)
     assert epochs_done(run_dir) == 2
@@ -6857,7 +6902,7 @@ def test_eval_rebuilds_the_csv_split_a_run_recorded_by_lesion_or_by_image(tmp_pa
     (run_dir / "run.json").write_text(json.dumps(record))
     with pytest.raises(cli.CLIError) as refused:
         run_protocol(protocol, out=tmp_path / "rep", data=str(data), seeds=1, size=8, progress=False)
-    message = str(refused.value)
+    message = cmd_words(refused)
     assert "splits it by lesion_id" in message and "split_by='image'" not in message, message
     assert message.endswith("own split; no option of reproduce draws that split again, so it cannot continue the "
                             f"run: delete {run_dir} or use another --out"), message

@@ -39,15 +39,26 @@ class CLIError(Exception):
 
 
 class ArgumentError(CLIError, ValueError):
-    """A command's ``--flag: <problem>`` CLIError met by a Python function that takes the flag as an argument (a
-    ValueError): its text is in the function's words, ``<func>: <arg>: <problem>`` (``run_protocol: lr: expected a
-    finite learning rate > 0, got -1``); ``command_words`` keeps the command's line (``--lr: ...``), which main
-    prints."""
+    """A command's CLIError met by a Python function that takes the command's flags as arguments (a ValueError): its
+    text is in the function's words, ``<func>: <arg>: <problem>`` for a ``--flag: <problem>`` (``run_protocol: lr:
+    expected a finite learning rate > 0, got -1``), ``<func>: <message>`` for a message without that lead
+    (``run_protocol: mirst-bus: ...``), and each flag in it named as its argument where ``arguments`` (the function's
+    parameter names) holds it (``choose another out``, but ``a train --out``, another command's; until 2026-12-07 the
+    body kept ``--out``, and a message without the lead was a ValueError unpacking it); ``command_words`` keeps the
+    command's line (``--lr: ...``), which main prints."""
 
-    def __init__(self, func, err):
+    def __init__(self, func, err, arguments=()):
         self.command_words = str(err)
-        flag, problem = self.command_words.split(": ", 1)
-        super().__init__(f"{func}: {flag.lstrip('-').replace('-', '_')}: {problem}")
+        lead = re.match(r"--([a-z][a-z0-9-]*): ", self.command_words)
+        arguments = {*arguments, *([lead[1].replace("-", "_")] if lead else [])}
+
+        def named(flag):  # --paper-schedule: paper_schedule, where the function takes it
+            name = flag[1].replace("-", "_")
+            return name if name in arguments else flag[0]
+
+        # another command's flag ("a train --out") stays
+        flags = r"(?<![\w-])(?<!train )(?<!eval )(?<!demo )(?<!bench )--([a-z][a-z0-9-]*)"
+        super().__init__(f"{func}: " + re.sub(flags, named, self.command_words))
 
 
 class Parser(argparse.ArgumentParser):

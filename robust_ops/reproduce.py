@@ -820,6 +820,30 @@ def pick_methods(protocol, labels):
     return [m for m in protocol.methods if m.label.lower() in wanted]
 
 
+def _in_argument_words(func):
+    """``func`` (run_protocol) with each refusal in the command's words (``--seeds: tiny-kfold has 2 folds, got 3``,
+    a resume conflict's ``... or use another --out``) raised as cli.ArgumentError: a ValueError naming ``func``'s
+    arguments (``run_protocol: seeds: ...``, ``... or use another out``), which `robust-ops reproduce` prints in its
+    flags. Only the checks of its counts, lr and out were converted until 2026-12-07."""
+    import inspect
+
+    arguments = tuple(inspect.signature(func).parameters)
+
+    @functools.wraps(func)
+    def in_argument_words(*args, **kwargs):
+        from .cli import ArgumentError, CLIError
+
+        try:
+            return func(*args, **kwargs)
+        except ArgumentError:
+            raise
+        except CLIError as err:
+            raise ArgumentError(func.__name__, err, arguments) from None
+
+    return in_argument_words
+
+
+@_in_argument_words
 def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=None, size=None, device="cpu",
                  progress=True, reevaluate=False, methods=None, bit_depth=None, channels=None, classes=None,
                  paper_schedule=False, dist_timeout=None, batch_size=None, lr=None):
@@ -844,7 +868,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     by the model's weights, the test set and the attack plan, and reused when all three are unchanged (a resumed
     protocol does not re-attack the finished folds); ``reevaluate=True`` ignores them."""
     from . import defenses, report
-    from .cli import (ArgumentError, CLIError, binary_only_error, check_count, check_optimiser_options, check_out,
+    from .cli import (CLIError, binary_only_error, check_count, check_optimiser_options, check_out,
                       checked_dist_timeout, checkpoint_epochs, data_spec, is_main_process, load_data,
                       refuse_train_folder, resume_conflict, run_record, train_run, write_results_to_out)
     from .evaluate import evaluate
@@ -867,15 +891,14 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             raise ValueError(f"run_protocol: expected {arg} to be an integer >= 1 or None, got {value!r}")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, numbers.Real)):  # lr=True: run.json's lr true
         raise ValueError(f"run_protocol: expected lr to be a number > 0 or None, got {lr!r}")
-    try:  # a Python caller reads its argument's name (run_protocol: lr: ...), the command its flag (--lr: ...)
-        check_out(out)
-        refuse_train_folder(out, f"reproduce {protocol.name}")
-        check_count("--epochs", epochs)
-        check_count("--seeds", seeds)
-        check_optimiser_options(batch_size, lr)
-        checked_dist_timeout(dist_timeout)
-    except CLIError as err:
-        raise ArgumentError("run_protocol", err) from None
+    # a Python caller reads its argument's name (run_protocol: lr: ...), the command its flag (--lr: ...): through
+    # _in_argument_words, as every refusal of run_protocol's
+    check_out(out)
+    refuse_train_folder(out, f"reproduce {protocol.name}")
+    check_count("--epochs", epochs)
+    check_count("--seeds", seeds)
+    check_optimiser_options(batch_size, lr)
+    checked_dist_timeout(dist_timeout)
     q = protocol.quick if quick else {}
     chosen = pick_methods(protocol, methods)
     data = data_spec(data or protocol.data)  # as run.json records it (results.json, the DATA note): not as typed
