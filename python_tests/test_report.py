@@ -246,6 +246,26 @@ def test_paper_table_takes_our_row_at_the_paper_rows_radius():
     assert [(c[2], c[5]) for c in cells] == [("0.0039216", "0.600"), ("0.0039219", "0.400")]
 
 
+def test_paper_table_reads_a_paper_radius_at_the_decimals_the_paper_writes():
+    """A paper's eps=0.031 (its 8/255) read "–" beside our row at 8/255 = 0.0314, ours being looked up to 6 decimals
+    (found by the cli12 helper). A paper row's radius is now ours at the decimals it gives (0.031, 0.03), the ε cell
+    saying which radius of ours stands beside it; several such radii of ours: the nearest. A paper row naming
+    another attack than our row's label (pgd for pgd(steps=2)) still reads "–": docs/design.md says to name it so."""
+    rows = [{"method": "AT", "attack": "fgsm", "norm": "linf", "eps": k / 255, "n": 4, "accuracy": acc}
+            for k, acc in ((8, 0.6), (9, 0.4))]
+    rows.append({"method": "AT", "attack": "pgd(steps=2)", "norm": "linf", "eps": 8 / 255, "n": 4, "accuracy": 0.2})
+    paper = [{"method": "AT", "attack": "FGSM", "eps": eps, "source": "T1", "accuracy": 0.5} for eps in (0.031, 0.03)]
+    paper += [{"method": "AT", "attack": a, "eps": 8 / 255, "source": "T1", "accuracy": 0.1} for a in ("pgd",
+                                                                                                      "pgd(steps=2)")]
+    lines = report.paper_comparison_table(rows, paper, ["accuracy"]).splitlines()
+    assert lines[2:] == ["| AT | FGSM | 0.031 (ours 8/255) | T1 | 0.500 | 0.600 |",
+                         "| AT | FGSM | 0.03 (ours 8/255) | T1 | 0.500 | 0.600 |",
+                         "| AT | pgd | 8/255 | T1 | 0.100 | – |",
+                         "| AT | pgd(steps=2) | 8/255 | T1 | 0.100 | 0.200 |"]
+    # a radius the paper writes to more decimals than ours agree to is no match
+    assert report.paper_comparison_table(rows, [dict(paper[0], eps=0.0312)], "accuracy").endswith("| 0.500 | – |")
+
+
 def _record_figures(monkeypatch):
     """The list the figures that report saves from now on are appended to."""
     figures, save = [], report._save

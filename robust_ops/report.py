@@ -307,6 +307,14 @@ def _paper_match(candidates, paper_row):
     return candidates[-1] if candidates else {}
 
 
+def _same_radius(ours, paper):
+    """Whether our radius ``ours`` is the paper row's ``paper`` as the paper writes it: equal at the decimals the
+    paper's number gives, at most 6 (a paper's 0.031 is our 8/255 = 0.0314, its 0.03 too; a radius given as 8/255
+    matches to 6 decimals, as every radius did until 2026-12-07, when 0.031 read "–" beside our 8/255)."""
+    places = min(max(-decimal.Decimal(repr(float(paper))).as_tuple().exponent, 0), 6)
+    return round(ours, places) == round(paper, places)
+
+
 def _folded(name):
     """``name`` as paper_comparison_table compares attacks and norms: case folded (None stays None)."""
     return name.casefold() if isinstance(name, str) else name
@@ -325,8 +333,8 @@ def paper_comparison_table(ours, paper, metric_columns):
     metric_columns = _metric_list("paper_comparison_table", metric_columns, [*ours, *paper]) or []
     index, folded = {}, {}
     for r in ours:
-        index.setdefault((r["method"], r["attack"], round(r["eps"], 6)), []).append(r)
-        folded.setdefault((r["method"], _folded(r["attack"]), round(r["eps"], 6)), []).append(r)
+        index.setdefault((r["method"], r["attack"]), []).append(r)
+        folded.setdefault((r["method"], _folded(r["attack"])), []).append(r)
     head = ["method", "attack", "ε", "paper source"]
     for m in metric_columns:
         head += [f"{METRIC_LABELS.get(m, m)} (paper)", f"{METRIC_LABELS.get(m, m)} (ours)"]
@@ -335,12 +343,16 @@ def paper_comparison_table(ours, paper, metric_columns):
     for p in paper:
         # an attack named in other case ("FGSM", as the papers and reproduce's paper rows write it; evaluate's rows
         # read "fgsm") is that attack, as evaluate reads its names: its row of ours read "–" as if not run
-        key = (p["method"], p["attack"], round(p["eps"], 6))
+        key = (p["method"], p["attack"])
         # "no attack", the tables' own name of the clean rows (results.json's "none"), read "–" too
         attack = "none" if _folded(key[1]) == "no attack" else _folded(key[1])
-        r = _paper_match(index.get(key) or folded.get((key[0], attack, key[2]), []), p)
-        cells = [p["method"], _attack_label(p["attack"]), format_eps(p["eps"], radii),
-                 p.get("source", "")]
+        at_radius = [[r for r in rows if _same_radius(r["eps"], p["eps"])]
+                     for rows in (index.get(key, []), folded.get((key[0], attack), []))]
+        r = _paper_match(at_radius[0] or at_radius[1], p)
+        shown = format_eps(p["eps"], radii)
+        if r and round(r["eps"], 6) != round(p["eps"], 6):  # the paper's 0.031 beside our 8/255: which one it is
+            shown += f" (ours {format_eps(r['eps'])})"
+        cells = [p["method"], _attack_label(p["attack"]), shown, p.get("source", "")]
         for m in metric_columns:
             ours_text = fmt(r.get(m))
             if r.get(f"{m}_std") is not None and ours_text != "–":
