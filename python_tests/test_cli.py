@@ -5111,7 +5111,8 @@ def test_demo_trains_8_epochs_per_method_by_default_and_2_with_quick(tmp_path, c
 
 
 def test_bench_runs_the_chosen_scripts_and_reports_failures(tmp_path, capsys):
-    """--only runs just those topics, --full drops --quick, and a failing script makes the exit status 1."""
+    """--only runs just those topics, --full drops --quick (the default, which --quick names: it was argparse's
+    "unrecognized arguments: --quick"), and a failing script makes the exit status 1."""
     for name, status in (("a", 3), ("b", 0)):
         (tmp_path / f"bench_{name}.py").write_text(
             f"import pathlib, sys\npathlib.Path(__file__).with_suffix('.args').write_text(repr(sys.argv[1:]))\n"
@@ -5122,6 +5123,11 @@ def test_bench_runs_the_chosen_scripts_and_reports_failures(tmp_path, capsys):
     rc, _, err = run(["bench", "--bench-dir", tmp_path, "--only", "b", "--full"], capsys)
     assert rc == 0, err
     assert (tmp_path / "bench_b.args").read_text() == "[]"
+    rc, _, err = run(["bench", "--bench-dir", tmp_path, "--only", "b", "--quick"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "bench_b.args").read_text() == "['--quick']"
+    rc, _, err = run(["bench", "--bench-dir", tmp_path, "--only", "b", "--quick", "--full"], capsys)
+    assert rc == 2 and "not allowed with argument" in err, err
 
 
 def test_bench_list_prints_each_topic_with_its_script_and_runs_none(tmp_path, capsys):
@@ -5134,6 +5140,8 @@ def test_bench_list_prints_each_topic_with_its_script_and_runs_none(tmp_path, ca
     rc, out, err = run(["bench", "--bench-dir", tmp_path, "--list", "--full"], capsys)
     one_line_error(rc, err, "--full: --list only lists the benchmarks and runs none; drop one of the two")
     assert out == ""
+    rc, out, err = run(["bench", "--bench-dir", tmp_path, "--list", "--quick"], capsys)
+    one_line_error(rc, err, "--quick: --list only lists the benchmarks and runs none; drop one of the two")
 
 
 def test_bench_checks_its_output_folder_variable_before_running_a_script(tmp_path, capsys, monkeypatch):

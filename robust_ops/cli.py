@@ -2558,7 +2558,10 @@ def cmd_bench_parser(sub):
                        description="Run benchmarks/bench_*.py (quick mode unless --full) and print their tables.")
     p.add_argument("--only", action=OneList, default=None,
                    help="comma-separated topics, e.g. pgd_step,drop_max_pool2d")
-    p.add_argument("--full", action="store_true", help="full shape sweeps (slow)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help="full shape sweeps (slow)")
+    # the default, accepted as the scripts' own flag: "bench --quick" was argparse's "unrecognized arguments"
+    mode.add_argument("--quick", action="store_true", help="each script's --quick smoke run (the default)")
     p.add_argument("--list", action="store_true", help="list the benchmarks (those --only picks) and exit")
     p.add_argument("--bench-dir", type=path_text, default=None,
                    help="folder holding bench_*.py (default: the repository's)")
@@ -2596,8 +2599,9 @@ def cmd_bench(args):
         refuse_repeated(wanted, "--only")
         scripts = {w: scripts[w] for w in wanted}
     if args.list:  # what a run with the same --only would run
-        if args.full:  # it would be ignored silently: nothing runs
-            raise CLIError("--full: --list only lists the benchmarks and runs none; drop one of the two")
+        if args.full or args.quick:  # it would be ignored silently: nothing runs
+            flag = "--full" if args.full else "--quick"
+            raise CLIError(f"{flag}: --list only lists the benchmarks and runs none; drop one of the two")
         for name, path in scripts.items():
             print(f"{name}\t{path}")
         return 0
