@@ -2162,7 +2162,7 @@ def test_the_ensemble_finds_only_the_samples_each_attack_runs_on(cascade, batch_
     assert torch.equal(res.robust, expected_by == -1)
 
 
-def test_ensemble_refuses_an_attack_targeted_by_label_before_any_attack_runs():
+def test_ensemble_and_autoattack_refuse_an_attack_targeted_by_label_before_any_attack_runs():
     # the cascade passes the true labels: an attack targeted by label took them as targets and pushed towards them,
     # and every sample was scored robust (PGD at eps 0.1 breaks samples of this model untargeted)
     model, x = near_boundary_linear()
@@ -2182,7 +2182,13 @@ def test_ensemble_refuses_an_attack_targeted_by_label_before_any_attack_runs():
                      attacks.PGD(model, eps=0.1, steps=5).set_mode_targeted_by_label()):
         with pytest.raises(ValueError, match=message.format("ensemble")):
             attacks.ensemble(model, x, y, [first, targeted])
-        inside = attacks.AutoAttack(model, eps=0.1, attacks=[targeted])  # a custom list's objects, as given
+        # refused when built, in the same words: built, it was refused only when run
+        with pytest.raises(ValueError, match=message.format("autoattack")):
+            attacks.AutoAttack(model, eps=0.1, version="custom", attacks=[targeted])
+        # a custom list's objects are as given: one set targeted by label once built is refused when run
+        plain = attacks.PGD(model, eps=0.1, steps=5)
+        inside = attacks.AutoAttack(model, eps=0.1, attacks=[plain])
+        plain.set_mode_targeted_by_label()
         with pytest.raises(ValueError, match=message.format("ensemble")):
             attacks.ensemble(model, x, y, [first, inside])
         with pytest.raises(ValueError, match=message.format("autoattack")):

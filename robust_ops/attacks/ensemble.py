@@ -119,22 +119,28 @@ def _check_per_sample_options(attack, x, label, name):
             _check_per_sample_options(a, x, label, name)
 
 
+def _refuse_targeted_by_label(attack, label, name):
+    """An attack targeted by label is refused: the cascade passes the true labels, which it would take as targets and
+    push towards (every sample then scored robust); targets made from the labels (random, least likely, a function)
+    are fine."""
+    if isinstance(attack, Attack) and attack.targeted and attack._target_rule is None:
+        raise ValueError(f"{name}: attack {label!r} is targeted by label, so it would take the true labels as its "
+                         "targets; call its set_mode_default(), or a mode that makes targets from the labels "
+                         "(set_mode_targeted_random(), set_mode_targeted_least_likely(), "
+                         "set_mode_targeted_by_function())")
+
+
 def _check_runs_on(attack, x, label, name):
     """Ask ``attack`` (also the attacks inside an AutoAttack's list) whether it runs on ``x``'s dtype and shape: a
     Square after APGD-CE, APGD-T and FAB-T refused flat [N, D] inputs only once those had run. An attack targeted by
-    label is refused: the cascade passes the true labels, which it would take as targets and push towards (every
-    sample then scored robust); targets made from the labels (random, least likely, a function) are fine."""
+    label is refused (:func:`_refuse_targeted_by_label`)."""
     for hook in ("check_input_dtype", "check_input_shape"):
         check = getattr(attack, hook, None)
         if check is not None:
             check(x)
     if getattr(attack, "uses_gradients", False):  # else refused after the clean check, in the attack's name
         check_gradients_possible(name)
-    if isinstance(attack, Attack) and attack.targeted and attack._target_rule is None:
-        raise ValueError(f"{name}: attack {label!r} is targeted by label, so it would take the true labels as its "
-                         "targets; call its set_mode_default(), or a mode that makes targets from the labels "
-                         "(set_mode_targeted_random(), set_mode_targeted_least_likely(), "
-                         "set_mode_targeted_by_function())")
+    _refuse_targeted_by_label(attack, label, name)
     inner = vars(attack).get("attacks") if isinstance(attack, Attack) else None
     if isinstance(inner, list):
         for i, a in enumerate(inner):
@@ -467,6 +473,10 @@ class AutoAttack(Attack):
                 for a in attacks
             ]
             self._built = [b for a, b in zip(attacks, self.attacks) if isinstance(a, str)]
+            # refused here, in run's words: built, such a list was refused only when run (an object set targeted by
+            # label afterwards still is then)
+            for i, a in enumerate(self.attacks):
+                _refuse_targeted_by_label(a, _name(a, i), self.name)
             for a, built in zip(attacks, self.attacks):
                 if seed is None and isinstance(a, str) and "seed" in takes[a]:
                     built.seed = None  # build() ignores None options: the global RNG, as the classes take seed=None
