@@ -3092,6 +3092,19 @@ def test_other_libraries_option_names_are_refused_naming_the_option_here_by_clas
     assert inspect.signature(attacks.pgd) == inspect.signature(attacks.pgd.__wrapped__)
 
 
+@pytest.mark.parametrize("fn", ["apgd_t", "fab_t", "white_noise"])
+def test_a_foreign_option_name_with_targeted_leaves_targeted_to_the_function_that_refuses_it(fn):
+    """apgd_t, fab_t and white_noise take targeted= in **options only to refuse it saying why: with a foreign name
+    beside it (advertorch's nb_iter) the decorator said "unknown options 'targeted', 'nb_iter'", calling targeted
+    unknown, where without the foreign name it was the ValueError saying why (found by the attacks8 helper)."""
+    model = make_model(3)
+    x, y = make_data(2, 3)
+    with pytest.raises(TypeError, match=rf"^{fn}: unknown option 'nb_iter'; it takes [^;]*\(nb_iter: "):
+        getattr(attacks, fn)(model, x, y, eps=0.1, targeted=True, nb_iter=3)
+    with pytest.raises(ValueError, match=rf"^{fn}: .*got targeted=True; leave targeted out"):
+        getattr(attacks, fn)(model, x, y, eps=0.1, targeted=True)
+
+
 @pytest.mark.parametrize("cls,options", [("APGDT", {"steps": 3, "n_target_classes": 2}),
                                          ("FABT", {"steps": 3, "n_target_classes": 2}), ("FAB", {"steps": 3}),
                                          ("WhiteNoise", {"trials": 2, "seed": 0}),
