@@ -6687,6 +6687,30 @@ def test_numpy_inputs_are_named_as_numpy_arrays():
     assert x_adv.shape == x.shape
 
 
+def test_inputs_and_labels_torch_as_tensor_cannot_convert_are_told_a_fix_that_does():
+    """torch.as_tensor, the fix named for numpy or list inputs and labels, fails on a list of image tensors (a
+    dataset's samples: "only one element tensors can be converted to Python scalars"), on class names (a list of
+    strings: "too many dimensions 'str'") and on a numpy object array (a pandas column's .to_numpy(): "can't convert
+    np.ndarray of type numpy.object_"); each is told a fix that converts it (found by the attacks8 helper)."""
+    model, (x, y) = make_model(), make_data()
+    labels = r"^pgd: expected y to be an integer tensor of class labels, got "
+    with pytest.raises(TypeError, match=r"^pgd: expected x to be a floating-point tensor, got <class 'list'>; a list "
+                                        r"of tensors\? stack them with torch.stack\(x\)$"):
+        attacks.pgd(model, list(x), y, eps=0.03)
+    names = ["mel" if int(c) else "nv" for c in y]
+    for given, kind in ((names, "list"), (np.array(names, dtype=object), "numpy.ndarray")):
+        with pytest.raises(TypeError, match=labels + rf"<class '{kind}'>; class names\? map each name to its index, "
+                                                     r"0 to K-1$"):
+            attacks.pgd(model, x, given, eps=0.03)
+    objects = y.numpy().astype(object)
+    with pytest.raises(TypeError, match=labels + r"<class 'numpy.ndarray'>; convert them with "
+                                                 r"torch.as_tensor\(y.astype\(np.int64\)\)$"):
+        attacks.pgd(model, x, objects, eps=0.03)
+    # each fix converts
+    x_adv = attacks.pgd(model, torch.stack(list(x)), torch.as_tensor(objects.astype(np.int64)), eps=0.03, steps=1)
+    assert x_adv.shape == x.shape
+
+
 def test_ensemble_checks_clean_inputs_batch_size_at_a_time():
     """The clean forward that decides who is misclassified already took all N samples at once whatever batch_size
     said: evaluate --ensemble on 200 CT slices at 512x512 ran resnet18 on 200 images in one batch (its first

@@ -770,14 +770,29 @@ def _array_like(value):
     return isinstance(value, (list, tuple)) or type(value).__module__ == "numpy"
 
 
+def _array_labels_fix(y):
+    """The fix for labels ``y`` given as a numpy array, list or tuple: torch.as_tensor converts numbers, but not class
+    names (a list of strings: "too many dimensions 'str'") nor a numpy object array (a pandas column's .to_numpy():
+    "can't convert np.ndarray of type numpy.object_"), which the generic fix sent to it."""
+    items = y.reshape(-1) if hasattr(y, "reshape") else y
+    if len(items) and isinstance(items[0], str):
+        return "; class names? map each name to its index, 0 to K-1"
+    if getattr(y, "dtype", None) == object:
+        return "; convert them with torch.as_tensor(y.astype(np.int64))"
+    return label_dtype_fix(y, "torch.as_tensor(y).long()") or "; convert them with torch.as_tensor(y)"
+
+
 def check_input_batch(name, x):
     """``x`` must be a floating-point tensor with a batch dimension: check_inputs' first rule, and the one the
     defenses apply before reading the batch size (a list of images failed with "'list' object has no attribute
     'shape'")."""
     if not torch.is_tensor(x) or not x.is_floating_point():
         # a numpy array's dtype alone ("got float32") read as if the tensor were fine: name its type
-        # a numpy array or a list was named with no way to a tensor
-        fix = "; convert it with torch.as_tensor(x, dtype=torch.float32)" if _array_like(x) else ""
+        # a numpy array or a list was named with no way to a tensor; torch.as_tensor of a list of image tensors (a
+        # dataset's samples) fails ("only one element tensors can be converted to Python scalars")
+        fix = ("; a list of tensors? stack them with torch.stack(x)"
+               if isinstance(x, (list, tuple)) and x and torch.is_tensor(x[0]) else
+               "; convert it with torch.as_tensor(x, dtype=torch.float32)" if _array_like(x) else "")
         raise TypeError(f"{name}: expected x to be a floating-point tensor, got "
                         f"{x.dtype if torch.is_tensor(x) else type(x)}{fix}")
     if x.dim() < 1:
@@ -833,8 +848,7 @@ def check_class_labels(name, y, n, label_range=False, x=None):
     if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         # numpy labels (a metadata table's column) or a list: a tensor's fix (.long()) does not apply to them, and
         # integer ones were named with no fix at all
-        fix = (label_dtype_fix(y, "torch.as_tensor(y).long()") or "; convert them with torch.as_tensor(y)"
-               if _array_like(y) else label_dtype_fix(y))
+        fix = _array_labels_fix(y) if _array_like(y) else label_dtype_fix(y)
         raise TypeError(f"{name}: expected y to be an integer tensor of class labels, got "
                         f"{y.dtype if torch.is_tensor(y) else type(y)}{fix}")
     y = y.long()  # a no-op (same tensor) for int64
