@@ -1999,37 +1999,46 @@ def test_no_cpu_instruction_set_path_reads_past_the_inputs_end(isa):
     run_with_cpu_isa(_PAGE_END_SCRIPT, isa)
 
 
-_HALF_BACKWARD_SCRIPT = """
+_16BIT_BACKWARD_SCRIPT = """
 import torch, robust_ops
+dtype = DTYPE
 g = torch.Generator().manual_seed(0)
 pool, backward = torch.ops.robust_ops.drop_max_pool2d, torch.ops.robust_ops._drop_max_pool2d_backward
+# float16 / bfloat16 bits: the largest finite, a NaN payload (signaling), a negative NaN, +inf, -inf, a subnormal
+special = {torch.float16: (0x7BFF, 0x7C01, -0x19A, 0x7C00, -0x400, 0x0003),
+           torch.bfloat16: (0x7F7F, 0x7F81, -0x3F, 0x7F80, -0x80, 0x0003)}[dtype]
+exponents = {torch.float16: (-9, 5), torch.bfloat16: (-38, 38)}[dtype]
 results = []
 for c in (1, 3, 8, 13, 16, 40):
     for channels_last in (False, True):
-        x = torch.randint(-3, 4, (2, c, 9, 11), generator=g).half()
+        x = torch.randint(-3, 4, (2, c, 9, 11), generator=g).to(dtype)
         x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
         for args in (((3, 3), (1, 1), (1, 1), (1, 1), False), ((2, 3), (1, 2), (0, 1), (1, 1), True)):
             out, idx = pool(x, *args)
-            go = torch.randn(out.shape, generator=g) * 10.0 ** torch.randint(-9, 5, out.shape, generator=g)
-            go = go.clamp(-65504, 65504).half()
-            bits = go.view(torch.int16).view(-1)  # sums past float16's range, subnormals, +-inf, NaN payloads
-            bits[::7], bits[3::29], bits[5::31], bits[11::37], bits[13::41] = 0x7BFF, 0x7C01, -0x19A, 0x7C00, -0x400
+            scale = 2.0 ** torch.randint(*exponents, out.shape, generator=g).double()
+            go = (torch.randint(-255, 256, out.shape, generator=g) * scale).float().to(dtype)
+            bits = go.view(torch.int16).view(-1)  # sums past the range, ties, subnormals, +-inf, NaN payloads
+            bits[::7], bits[3::29], bits[5::31], bits[11::37], bits[13::41], bits[17::43] = special
             results.append(backward(go, idx, list(x.shape)).contiguous().view(torch.int16))
 torch.save(results, PATH)
 print("ok")
 """
 
 
-def test_float16_backward_rounds_alike_on_every_cpu_instruction_set_path(tmp_path):
-    # The float16 backward accumulates in float32 and rounds once; that rounding ran c10's software conversion (the
-    # extension is built without F16C), ~7x float32's backward. With AVX2 and F16C it now runs vcvtps2ph, 8 at a
-    # time, whose NaN keeps payload bits where c10's is 0x7E00 with the sign: the results, bit for bit, are the
-    # scalar path's (rounding to nearest even, overflow to inf, subnormals, NaN from payloads and from inf - inf).
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16bit_backward_rounds_alike_on_every_cpu_instruction_set_path(tmp_path, dtype):
+    # The float16 / bfloat16 backward widens each gradient to float32, accumulates and rounds once; c10's scalar
+    # conversions are software (the extension is built without F16C), so with AVX2 both ways run 8 at a time:
+    # vcvtph2ps / vcvtps2ph for float16 (whose NaN keeps payload bits where c10's is 0x7E00 with the sign), shifts
+    # and c10's round-to-nearest-even bias for bfloat16 (NaN 0x7FC0 whatever its sign). The results, bit for bit, are
+    # the scalar path's (rounding to nearest even incl. ties, overflow to inf, subnormals, NaN from payloads and from
+    # inf - inf).
     results = {}
+    script = _16BIT_BACKWARD_SCRIPT.replace("DTYPE", f"torch.{dtype}")
     for isa in ("scalar", "avx2", "avx512"):
-        run_with_cpu_isa(_HALF_BACKWARD_SCRIPT.replace("PATH", repr(str(tmp_path / f"{isa}.pt"))), isa)
+        run_with_cpu_isa(script.replace("PATH", repr(str(tmp_path / f"{isa}.pt"))), isa)
         results[isa] = torch.load(tmp_path / f"{isa}.pt")
-    nans = torch.cat([r.view(torch.float16).isnan().view(-1) for r in results["scalar"]])
+    nans = torch.cat([r.view(getattr(torch, dtype)).isnan().view(-1) for r in results["scalar"]])
     assert nans.any() and not nans.all()
     for isa in ("avx2", "avx512"):
         assert all(torch.equal(a, b) for a, b in zip(results[isa], results["scalar"], strict=True)), isa

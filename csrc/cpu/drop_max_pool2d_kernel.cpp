@@ -986,24 +986,55 @@ std::tuple<at::Tensor, at::Tensor> pool2d_cpu(const at::Tensor& input, c10::IntA
 // whole (n, c) planes (NCHW) or a channel block of one sample (channels_last), so no two tasks write one element.
 // float16/bfloat16 accumulate in float and round once.
 
-// Narrows n accumulators to T, dst[i] = static_cast<T>(src[i]). float16 runs 8 at a time with F16C where the
-// CPU has AVX2 and F16C (and the ISA cap allows AVX2): vcvtps2ph rounds to nearest even as c10's software conversion
-// (the extension is built without F16C), which made the float16 backward ~7x float32's (1 x 16 x 56 x 56, one
-// thread: ~95 against ~14 us); NaN becomes c10's 0x7E00 with the input's sign, where vcvtps2ph would keep payload
-// bits. Bitwise static_cast's result in every lane (tested under each ISA cap).
+// float16 / bfloat16 <-> float32 for the accumulation, bitwise c10's conversions in every lane (tested under each
+// ISA cap). Where the CPU has AVX2 (and F16C for float16) and the ISA cap allows AVX2, they run 8 at a time: the
+// extension is built without F16C, so c10's scalar conversions are software (float16 by bit manipulation, NaN and
+// rounding checked per element), which made the 16-bit backward ~2-7x float32's (1 x 16 x 56 x 56, one thread).
+// Widening is exact (vcvtph2ps or a 16-bit shift; NaN stays NaN, sign kept, whatever the payload: the sums and the
+// narrowing below see no payload). Narrowing rounds to nearest even as c10 does: float16 by vcvtps2ph, its NaN set
+// to c10's 0x7E00 with the sign (vcvtps2ph keeps payload bits); bfloat16 as c10's round_to_nearest_even, bits
+// (u + 0x7FFF + (u >> 16 & 1)) >> 16, NaN 0x7FC0 whatever its sign.
+template <typename T>
+bool runs_16bit_avx2() {
 #ifdef ROBUST_OPS_HAVE_AVX2_PATH
-__attribute__((target("avx2,f16c"))) int64_t narrow_to_half_avx2(const float* src, at::Half* dst, int64_t n) {
+  return cpu_runs_vector_type<T>() && cpu_has_avx2(kDropMaxBackwardOp);
+#else
+  return false;
+#endif
+}
+
+#ifdef ROBUST_OPS_HAVE_AVX2_PATH
+template <typename T>
+__attribute__((target("avx2,f16c"))) int64_t widen_16bit_avx2(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, widen8<T>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  return i;
+}
+
+template <typename T>
+__attribute__((target("avx2,f16c"))) int64_t narrow_16bit_avx2(const float* src, T* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 v = _mm256_loadu_ps(src + i);
-    __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-    if (_mm256_movemask_ps(nan) != 0) {
-      const __m256i sign_bit = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(INT32_MIN));
-      const __m256i sign = _mm256_srli_epi32(sign_bit, 16);
-      const __m256i canonical = _mm256_or_si256(sign, _mm256_set1_epi32(0x7E00));
-      const __m256i wide = _mm256_blendv_epi8(_mm256_cvtepu16_epi32(h), canonical, _mm256_castps_si256(nan));
-      h = _mm_packus_epi32(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
+    __m128i h;
+    if constexpr (std::is_same_v<T, at::Half>) {
+      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      if (_mm256_movemask_ps(nan) != 0) {
+        const __m256i sign_bit = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(INT32_MIN));
+        const __m256i sign = _mm256_srli_epi32(sign_bit, 16);
+        const __m256i canonical = _mm256_or_si256(sign, _mm256_set1_epi32(0x7E00));
+        const __m256i wide = _mm256_blendv_epi8(_mm256_cvtepu16_epi32(h), canonical, _mm256_castps_si256(nan));
+        h = _mm_packus_epi32(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
+      }
+    } else {
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+      r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+      h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
     }
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
   }
@@ -1011,12 +1042,29 @@ __attribute__((target("avx2,f16c"))) int64_t narrow_to_half_avx2(const float* sr
 }
 #endif
 
+// src as the accumulation type: src itself for float32 / float64, else widened into buf (n elements). `vector`:
+// runs_16bit_avx2<T>(), asked once per task (the channels_last backward converts a row of cb elements at a time).
 template <typename T, typename A>
-void narrow_floats(const A* src, T* dst, int64_t n) {
+const A* widened(const T* src, A* buf, int64_t n, bool vector) {
+  if constexpr (std::is_same_v<T, A>) {
+    return src;
+  } else {
+    int64_t i = 0;
+#ifdef ROBUST_OPS_HAVE_AVX2_PATH
+    if (vector) i = widen_16bit_avx2(src, buf, n);
+#endif
+    for (; i < n; ++i) buf[i] = static_cast<A>(src[i]);
+    return buf;
+  }
+}
+
+// dst[i] = static_cast<T>(src[i]) for i < n (`vector` as widened's).
+template <typename T, typename A>
+void narrow_floats(const A* src, T* dst, int64_t n, bool vector) {
   int64_t i = 0;
 #ifdef ROBUST_OPS_HAVE_AVX2_PATH
-  if constexpr (std::is_same_v<T, at::Half>) {
-    if (cpu_runs_vector_type<T>() && cpu_has_avx2(kDropMaxBackwardOp)) i = narrow_to_half_avx2(src, dst, n);
+  if constexpr (!std::is_same_v<T, A>) {
+    if (vector) i = narrow_16bit_avx2(src, dst, n);
   }
 #endif
   for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
@@ -1033,8 +1081,10 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& indices, at:
   const int64_t L = grad_output.size(2) * grad_output.size(3);
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(std::is_same_v<acc_t, scalar_t> ? 0 : HW);
+    std::vector<acc_t> wide(std::is_same_v<acc_t, scalar_t> ? 0 : L);
+    const bool vector = runs_16bit_avx2<scalar_t>();
     for (int64_t p = begin; p < end; ++p) {
-      const scalar_t* g = go + p * L;
+      const acc_t* g = widened(go + p * L, wide.data(), L, vector);
       const int64_t* ix = idx + p * L;
       acc_t* acc = std::is_same_v<acc_t, scalar_t> ? reinterpret_cast<acc_t*>(gi + p * HW) : scratch.data();
       std::fill(acc, acc + HW, acc_t(0));
@@ -1042,13 +1092,13 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& indices, at:
       for (int64_t l = 0; l < L; ++l) {
         const int64_t i = ix[l];
         if (static_cast<uint64_t>(i) < static_cast<uint64_t>(HW)) {
-          acc[i] += static_cast<acc_t>(g[l]);
+          acc[i] += g[l];
         } else if (i != -1) {  // -1: a window without input elements (output -inf), no gradient
           bad = true;
         }
       }
       if (bad) bad_index = true;
-      if constexpr (!std::is_same_v<acc_t, scalar_t>) narrow_floats(acc, gi + p * HW, HW);
+      if constexpr (!std::is_same_v<acc_t, scalar_t>) narrow_floats(acc, gi + p * HW, HW, vector);
     }
   });
 }
@@ -1069,6 +1119,8 @@ void backward_channels_last(const at::Tensor& grad_output, const at::Tensor& ind
   blocks = (C + block - 1) / block;
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch;
+    std::vector<acc_t> wide(std::is_same_v<acc_t, scalar_t> ? 0 : block);
+    const bool vector = runs_16bit_avx2<scalar_t>();
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / blocks, c0 = (t % blocks) * block, c1 = std::min(C, c0 + block), cb = c1 - c0;
       const scalar_t* g = go + n * L * C + c0;
@@ -1082,20 +1134,22 @@ void backward_channels_last(const at::Tensor& grad_output, const at::Tensor& ind
       if (direct) std::fill(acc, acc + HW * C, acc_t(0));
       bool bad = false;
       for (int64_t l = 0; l < L; ++l) {
-        const scalar_t* gl = g + l * C;
+        const acc_t* gl = widened(g + l * C, wide.data(), cb, vector);
         const int64_t* il = ix + l * C;
         for (int64_t c = 0; c < cb; ++c) {
           const int64_t i = il[c];
           if (static_cast<uint64_t>(i) < static_cast<uint64_t>(HW)) {
-            acc[i * cb + c] += static_cast<acc_t>(gl[c]);
+            acc[i * cb + c] += gl[c];
           } else if (i != -1) {
             bad = true;
           }
         }
       }
       if (bad) bad_index = true;
-      if (!direct) {
-        for (int64_t i = 0; i < HW; ++i) narrow_floats(acc + i * cb, dst + i * C, cb);
+      if (!direct && cb == C) {
+        narrow_floats(acc, dst, HW * C, vector);
+      } else if (!direct) {
+        for (int64_t i = 0; i < HW; ++i) narrow_floats(acc + i * cb, dst + i * C, cb, vector);
       }
     }
   });
