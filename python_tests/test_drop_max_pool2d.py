@@ -424,13 +424,24 @@ def test_backward_rejects_out_of_range_indices_in_either_layout(fmt, bad):
         backward_op(grad, idx, [1, 2, 4, 4])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("c", [40, 41])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_channels_last_channel_blocks(dtype, c):
-    # The channels_last backward splits 40 channels of a one-sample batch into two blocks (small batches use every
-    # thread); each block must accumulate at its own channel offset and stride. Integer gradients: exact sums.
-    # 41 channels: blocks of 21 and 20; the last must stop at C (a block running past it read and overwrote the next
-    # pixel's channels: mutation pass of the C++ kernel).
+def test_backward_channels_last_channel_blocks(dtype, c, threads):
+    # With 2 threads the channels_last backward splits 40 channels of a one-sample batch into two blocks (small
+    # batches use every thread); each block must accumulate at its own channel offset and stride. Integer gradients:
+    # exact sums. 41 channels: blocks of 21 and 20; the last must stop at C (a block running past it read and
+    # overwrote the next pixel's channels: mutation pass of the C++ kernel). One thread takes all channels at once
+    # (float32 / float64 then accumulate in grad_input itself).
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_channels_last_channel_blocks(dtype, c)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_channels_last_channel_blocks(dtype, c):
     n, h, w = 1, 6, 5
     g = torch.Generator().manual_seed(7)
     idx = torch.randint(-1, h * w, (n, c, 4, 3), generator=g)
