@@ -296,6 +296,20 @@ def test_a_figure_is_written_at_the_path_given_as_a_png_unless_its_suffix_names_
     assert buffer.getvalue().startswith(png) and (tmp_path / "fig.pdf").read_bytes().startswith(b"%PDF")
 
 
+def test_a_figure_whose_name_ends_in_a_suffix_that_names_no_format_is_a_png_at_that_name(tmp_path):
+    """A name with a dot that names no format was no PNG at the path given: plot_metric_vs_radius(rows,
+    "acc_eps0.5") stopped with matplotlib's "Format '5' is not supported", and "fig." returned True having written
+    "fig.png" (found by the revA helper)."""
+    rows = [{"method": "M", "attack": a, "norm": n, "eps": e, "n": 4, "accuracy": 0.5}
+            for a, n, e in (("none", None, 0.0), ("pgd", "linf", 1 / 255))]
+    for name in ("acc_eps0.5", "fig.", "run.v2"):
+        assert report.plot_metric_vs_radius(rows, tmp_path / name) is True
+    assert report.plot_metric_vs_radius(rows, str(tmp_path / "fig.SVG")) is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acc_eps0.5", "fig.", "fig.SVG", "run.v2"]
+    assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in ("acc_eps0.5", "fig.", "run.v2"))
+    assert b"<svg" in (tmp_path / "fig.SVG").read_bytes()
+
+
 def _doc(rows, synthetic=False, num_classes=2):
     info = DatasetInfo("d", num_classes, 1, 8, tuple("abc"[:num_classes]), positive_class=1, synthetic=synthetic)
     return {"dataset": info.to_dict(), "synthetic": synthetic, "rows": rows, "metrics": None, "config": {},

@@ -524,14 +524,17 @@ def _figure(rows, cols, figsize, **kwargs):
 
 
 def _save(fig, path):
-    """Write ``fig`` at ``path``: in the format its suffix names (".pdf", ".svg"), a PNG without one. A path without
+    """Write ``fig`` at ``path``: in the format its suffix names (".pdf", ".svg"), a PNG without one or with one that
+    names no format ("acc_eps0.5"). A path without
     a suffix ("fig") was written to "fig.png" (matplotlib appends its default format) while True said it was at
     "fig", and a file object (io.BytesIO) got whatever format rcParams["savefig.format"] names."""
     _wrap_titles(fig)
     fig.tight_layout()
     _hide_overlapping_tick_labels(fig)
-    suffix = os.path.splitext(os.fspath(path))[1] if isinstance(path, (str, bytes, os.PathLike)) else ""
-    fig.savefig(path, dpi=110, format=None if suffix else "png")
+    # a suffix that names no format ("acc_eps0.5", "fig.") is part of the name: matplotlib refused "Format '5' is not
+    # supported", and wrote "fig." to "fig.png"
+    suffix = os.path.splitext(os.fsdecode(path))[1][1:] if isinstance(path, (str, bytes, os.PathLike)) else ""
+    fig.savefig(path, dpi=110, format=None if suffix.lower() in fig.canvas.get_supported_filetypes() else "png")
 
 
 def _hide_overlapping_tick_labels(fig):
