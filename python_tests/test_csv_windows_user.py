@@ -154,6 +154,22 @@ def test_an_export_that_cannot_be_read_is_one_line_naming_the_file_and_the_fix(d
     assert not out.exists()
 
 
+def test_missing_ids_holding_a_folder_read_no_file_list_for_the_bare_name_hint(data, monkeypatch):
+    """The other-case hint for bare names (621942e) walked every file under the image folder on each refusal, also
+    where every missing id holds a folder and there is no bare name to look for: 0.83 s of a 0.86 s refusal with
+    20,000 other images there (found by the revA helper). The hint's walk runs for bare names only."""
+    import pathlib
+
+    from robust_ops.data import DataError
+    from robust_ops.data.folders import load_csv
+
+    path, walked = _write(data / "gone.csv", ["image_id", "dx"], _windows_rows() + _windows_rows([99])), []
+    rglob = pathlib.Path.rglob
+    monkeypatch.setattr(pathlib.Path, "rglob", lambda self, *a, **k: walked.append(self) or rglob(self, *a, **k))
+    with pytest.raises(DataError, match=r"1 image\(s\) listed but not found under .*e\.g\. images\\case099\.png; "):
+        load_csv(path, size=8)
+    assert walked == []
+
 def test_classes_match_a_csvs_labels_in_case(data, tmp_path, capsys):
     # class folders match --classes in any case; a CSV's labels are matched as written, and the error lists them
     csv_path = _write(data / "labels.csv", ["image_id", "dx"], _windows_rows())

@@ -376,6 +376,8 @@ def _names_in_other_case(root, names):
     (CASE000.PNG for case000.png, CASE000 for case000.png: as written, with or without the extension), by id."""
     wanted = {n.casefold(): n for n in names}
     found = {}
+    if not wanted:  # ids holding a folder only: the walk read every file under root for none (0.8 s for 20,000)
+        return found
     for p in sorted(root.rglob("*")):
         if p.suffix.lower() not in IMAGE_SUFFIXES:
             continue
