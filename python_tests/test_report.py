@@ -1195,6 +1195,22 @@ def test_per_class_recall_table_takes_the_class_names_of_a_dataset_info_or_a_lab
             report.per_class_recall_table(rows, names)
 
 
+def test_per_class_recall_table_refuses_a_set_of_class_names_and_reads_a_generator():
+    """A set of class names (set(df.dx)) headed the columns in its hash's order, {"malignant", "benign"} a
+    column "benign" over class 0's recall in some processes, and a generator or map of names stopped with "object of
+    type 'generator' has no len()" (found by the revA helper). A set is refused, naming a list; an iterator is read
+    as the list it yields."""
+    rows = [{"method": "A", "attack": "none", "norm": None, "eps": 0.0, "n": 4, "confusion": [[1, 1], [0, 2]]}]
+    want = report.per_class_recall_table(rows, ["malignant", "benign"])
+    for names in ({"malignant", "benign"}, frozenset(["malignant", "benign"])):
+        with pytest.raises(ValueError, match=r"^per_class_recall_table: expected class_names to be one name per "
+                                             r"class, label 0 first, got a set, which keeps no order \(.*\); give a "
+                                             r"list in label order$"):
+            report.per_class_recall_table(rows, names)
+    assert report.per_class_recall_table(rows, (n for n in ("malignant", "benign"))) == want
+    assert report.per_class_recall_table(rows, map(str.lower, ["MALIGNANT", "BENIGN"])) == want
+
+
 def test_markdown_report_embeds_one_figure_given_as_a_string_once():
     """markdown_report(doc, figures="a.png") embedded the name letter by letter, ![a](a), ![.](.), ![p](p), ...
     (found by the api2 helper), as markdown_table read one metric's name before 6e2285d. One name is one figure."""

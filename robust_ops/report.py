@@ -256,7 +256,7 @@ def per_class_recall_table(rows, class_names):
     in the evaluated set. A multi-class report's macro averages do not show which classes an attack breaks.
     ``class_names``: one per class, label 0 first (or one string of comma-separated names, as --classes takes
     them), or the DatasetInfo or results.json's ``dataset`` dict whose ``class_names`` they are; another count than
-    a row's confusion holds is a ValueError."""
+    a row's confusion holds is a ValueError, as is a set of names (no order)."""
     if isinstance(class_names, str):  # "benign,malignant" was counted letter by letter: "got 16 class names"
         class_names = [c.strip() for c in class_names.split(",") if c.strip()]
     elif hasattr(class_names, "class_names"):  # data.info: "'DatasetInfo' object is not iterable"
@@ -272,9 +272,13 @@ def per_class_recall_table(rows, class_names):
             raise ValueError(f"per_class_recall_table: expected class_names to be one name per class, label 0 first, "
                              f"got a dict of keys {', '.join(map(repr, list(class_names)[:4]))}; give a list, or "
                              "{label: name} for labels 0 to K-1")
+    elif isinstance(class_names, (set, frozenset)):  # set(df.dx): its order is the hash's, the columns misnamed
+        raise ValueError(f"per_class_recall_table: expected class_names to be one name per class, label 0 first, "
+                         f"got a set, which keeps no order ({class_names!r:.60}); give a list in label order")
     elif not isinstance(class_names, Iterable):  # None: "'NoneType' object is not iterable"
         raise ValueError(f"per_class_recall_table: expected class_names to be one name per class, label 0 first "
                          f"(a list, or the DatasetInfo: data.info), got {class_names!r:.60}")
+    class_names = list(class_names)  # a generator or map: "object of type 'generator' has no len()"
     head = ["method", "attack", "norm", "ε", "n"] + [str(c) for c in class_names]
     lines = [_table_line(head), "|" + "---|" * len(head)]
     with_counts = [r for r in rows if r.get("confusion") is not None]
