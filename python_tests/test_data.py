@@ -591,11 +591,12 @@ def test_csv_labels_spelled_as_missing_values_are_said(tmp_path):
     assert s.info.extra["excluded_samples"] == 20
 
 
-@pytest.mark.parametrize("missing", ["None", "#NA", "-NaN", "#N/A N/A"])
+@pytest.mark.parametrize("missing", ["None", "#NA", "-NaN", "#N/A N/A", "1.#QNAN", "-1.#QNAN", "1.#IND", "-1.#IND"])
 def test_csv_labels_spelled_as_the_other_missing_values_pandas_reads_are_said(tmp_path, missing):
     """pandas' df.astype(str) writes a None label as 'None' (which pandas' read_csv reads back as missing, as it does
     '#NA', '-NaN' and '#N/A N/A'): such labels became a class of their own without the word 'nan' and 'NA' get
-    (found by the data6 helper)."""
+    (found by the data6 helper); so did the MSVC runtime's NaN spellings pandas reads as missing too, '1.#QNAN',
+    '-1.#IND', ... (found by the revA helper)."""
     path = _ham(tmp_path, ["mel", "nv", missing] * 10)
     with pytest.warns(UserWarning, match=rf"meta\.csv: column 'dx' holds {re.escape(repr(missing))} \(10 rows\): "
                                          r"missing values \(as pandas writes NaN\), each read as a class of its own; "

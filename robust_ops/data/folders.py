@@ -694,7 +694,7 @@ def _label_order(labels):
 # for it becomes a class of its own, where an empty label is refused. In a patient column it is no patient; in a
 # column the split groups by, one group (warned of)
 MISSING_LABELS = ("nan", "NaN", "-nan", "-NaN", "NA", "N/A", "n/a", "#N/A", "#N/A N/A", "#NA", "<NA>", "NULL", "null",
-                  "None")
+                  "None", "1.#QNAN", "-1.#QNAN", "1.#IND", "-1.#IND")  # the last four: the MSVC runtime's NaN
 
 
 # The column load_csv's split_by="auto" groups by when the CSV has it: HAM10000 holds several images per lesion.
