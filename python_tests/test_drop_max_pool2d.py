@@ -2581,8 +2581,8 @@ def test_a_batch_of_one_hwc_image_is_pooled_without_copying_it_where_no_gradient
     """A batch of one HWC image (1 x C x H x W, channels_last-contiguous) is NCHW to ATen and channels_last to the
     ops' rule: it was copied into NCHW and pooled by the NCHW kernel (1 x 16 x 32 x 32, kernel 3 stride 2: ~61 us a
     call, ~41 us now), and so was the unbatched HWC image viewed as CHW. Where no gradient is recorded the native CPU
-    kernel pools it as it is and only the outputs are made NCHW (float32 C >= 24, float64 C >= 16: next tests): no copy of
-    the input, and the same values (NaN bits included), indices and strides as the NCHW kernel on the copy and
+    kernel pools it as it is and only the outputs are made NCHW (float32 C >= 24, float64 C >= 16: next tests): no
+    copy of the input, and the same values (NaN bits included), indices and strides as the NCHW kernel on the copy and
     F.max_pool2d. With a gradient the copy stays (test above: the gradient's strides)."""
     g = torch.Generator().manual_seed(0)
     img = torch.randint(0, 4, (9, 10, 24), generator=g).float()  # ties
