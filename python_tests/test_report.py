@@ -1226,3 +1226,27 @@ def test_markdown_report_embeds_one_figure_given_as_a_path_once():
     doc = _doc([dict(_CLEAN_ROW)])
     text = report.markdown_report(doc, figures=Path("accuracy_vs_eps.png"))
     assert text == report.markdown_report(doc, figures="accuracy_vs_eps.png") and text.count("![") == 1
+
+
+def test_write_results_refuses_paper_rows_report_md_cannot_compare(tmp_path):
+    """write_results recorded any ``paper``, and since report.md shows the comparison a row without eps stopped it
+    in ``KeyError: 'eps'``, one dict for the list in "string indices must be integers" (found by the revB helper).
+    Each is now refused naming paper, before anything is written; paper_comparison_table refuses them alike."""
+    from robust_ops.evaluate import EvalError, write_results
+
+    rows = [dict(_CLEAN_ROW), dict(_CLEAN_ROW, attack="pgd", norm="linf", eps=8 / 255, accuracy=0.4, f1=0.3)]
+    info = DatasetInfo("d", 2, 1, 8, ("a", "b"), positive_class=1)
+    row = {"source": "X", "method": "M", "attack": "PGD", "eps": 8 / 255, "f1": 0.35}
+    cases = [([{k: v for k, v in row.items() if k != "eps"}], r"paper\[0\] has no 'eps'; give each paper row its "),
+             ([row, dict(row, eps="8/255")], r"expected paper\[1\]'s eps to be a finite number, such as 8/255, got "),
+             (row, r"expected paper to be a list of dicts \(one per published number's row\), got \{"),
+             ([("M", "PGD", 0.03)], r"expected paper\[0\] to be a dict of method, attack, eps, source and metrics")]
+    for paper, said in cases:
+        with pytest.raises(EvalError, match=f"^write_results: {said}") as err:
+            write_results(tmp_path / "out", rows, info, figures=False, paper=paper)
+        assert err.value.arg == "paper"
+        with pytest.raises(ValueError, match=f"^paper_comparison_table: {said}"):
+            report.paper_comparison_table(rows, paper, ["f1"])
+    assert not (tmp_path / "out").exists()
+    assert "| M | PGD | 8/255 | X | 0.350 | 0.300 |" in write_results(
+        tmp_path / "out", rows, info, figures=False, paper=[row])["report"].read_text()

@@ -1115,7 +1115,8 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
             True or False, title or extra_markdown neither a string nor None, config or extra_fields is neither a
             dict nor None, one of their values (or of rows, paper, notes) is none of those JSON can hold (a set,
             an object: its ``arg`` the argument, the message naming the entry) or two of one dict's keys read the
-            same as results.json's text keys (``1`` and ``"1"``), two rows share a method,
+            same as results.json's text keys (``1`` and ``"1"``), paper is no list of dicts each with a method,
+            attack and number eps (report.paper_rows_problem), two rows share a method,
             attack, norm and eps, or ``saliency`` is not ``(models, x, y)`` with models a dict of modules, each
             keyed by a method of the rows.
     """
@@ -1129,6 +1130,9 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
         problem = report.report_text_problem("write_results", arg, text)
         if problem:
             raise EvalError(arg, problem)
+    problem = paper and report.paper_rows_problem("write_results", paper)  # report.md's comparison: a KeyError
+    if problem:
+        raise EvalError("paper", problem)
     _check_out_dir(out_dir)
     saliency = _check_saliency(saliency, rows)
     doc = results_document(rows, info, config, device, paper, notes, extra_fields)

@@ -319,6 +319,25 @@ def _same_radius(ours, paper):
     return round(ours, places) == round(paper, places)
 
 
+def paper_rows_problem(func, paper):
+    """The one-line refusal of ``func``'s ``paper`` rows (paper_comparison_table's, write_results'), else None: a
+    list of dicts, each with a ``method``, an ``attack`` and a radius ``eps`` (a number). write_results recorded any
+    ``paper`` until 2026-12-07, when report.md's comparison met a row without ``eps`` as ``KeyError: 'eps'`` and one
+    dict for the list as "string indices must be integers"."""
+    if isinstance(paper, dict) or not isinstance(paper, (list, tuple)):
+        return f"{func}: expected paper to be a list of dicts (one per published number's row), got {paper!r:.60}"
+    for i, p in enumerate(paper):
+        if not isinstance(p, dict):
+            return f"{func}: expected paper[{i}] to be a dict of method, attack, eps, source and metrics, got {p!r:.60}"
+        missing = [k for k in ("method", "attack", "eps") if k not in p]
+        if missing:
+            return (f"{func}: paper[{i}] has no {' or '.join(map(repr, missing))}; give each paper row its method, "
+                    "attack and eps (and source and its metrics)")
+        if isinstance(p["eps"], bool) or not isinstance(p["eps"], numbers.Real) or not math.isfinite(p["eps"]):
+            return f"{func}: expected paper[{i}]'s eps to be a finite number, such as 8/255, got {p['eps']!r:.60}"
+    return None
+
+
 def _folded(name):
     """``name`` as paper_comparison_table compares attacks and norms: case folded (None stays None)."""
     return name.casefold() if isinstance(name, str) else name
@@ -334,6 +353,9 @@ def paper_comparison_table(ours, paper, metric_columns):
     ``metric_columns``: the metric names to compare, each a column pair (paper, ours), or one string of
     comma-separated names; a name that is no metric's and that no row of ours or the paper's holds (``"acc"``) is a
     ValueError."""
+    problem = paper_rows_problem("paper_comparison_table", paper)
+    if problem:
+        raise ValueError(problem)
     metric_columns = _metric_list("paper_comparison_table", metric_columns, [*ours, *paper]) or []
     index, folded = {}, {}
     for r in ours:
