@@ -1250,3 +1250,24 @@ def test_write_results_refuses_paper_rows_report_md_cannot_compare(tmp_path):
     assert not (tmp_path / "out").exists()
     assert "| M | PGD | 8/255 | X | 0.350 | 0.300 |" in write_results(
         tmp_path / "out", rows, info, figures=False, paper=[row])["report"].read_text()
+
+
+def test_paper_radius_of_0_or_a_half_decimal_away_is_not_ours():
+    """A paper row's radius matched ours at its decimals (d076930), so its 0, one decimal, took our 8/255
+    ('| AT | FGSM | 0 (ours 8/255) | T1 | 0.500 | 0.600 |') and its 0.1 our 0.05 (found by the revB helper). A radius
+    of 0 is only our 0, and ours must be nearer than half the paper's last decimal; 0.031 and 0.03 still read 8/255."""
+    rows = [{"method": "AT", "attack": "fgsm", "norm": "linf", "eps": eps, "n": 4, "accuracy": acc}
+            for eps, acc in ((8 / 255, 0.6), (0.05, 0.4))]
+    paper = [{"method": "AT", "attack": "FGSM", "eps": eps, "source": "T1", "accuracy": 0.5}
+             for eps in (0, 0.0, 0.1, 0.031, 0.03, 0.2)]
+    lines = report.paper_comparison_table(rows, paper, ["accuracy"]).splitlines()
+    assert lines[2:] == ["| AT | FGSM | 0 | T1 | 0.500 | – |", "| AT | FGSM | 0 | T1 | 0.500 | – |",
+                         "| AT | FGSM | 0.1 | T1 | 0.500 | – |",
+                         "| AT | FGSM | 0.031 (ours 8/255) | T1 | 0.500 | 0.600 |",
+                         "| AT | FGSM | 0.03 (ours 8/255) | T1 | 0.500 | 0.600 |",
+                         "| AT | FGSM | 0.2 | T1 | 0.500 | – |"]
+    # a row of ours at 0 is the paper's 0, and our 0.05 a paper's 0.05, not its 0.049 (three decimals)
+    rows.append({"method": "AT", "attack": "fgsm", "norm": "linf", "eps": 0.0, "n": 4, "accuracy": 0.9})
+    paper = [dict(paper[0], eps=eps) for eps in (0, 0.05, 0.049, 0.0314)]
+    assert [line.rsplit("|", 2)[1].strip() for line in
+            report.paper_comparison_table(rows, paper, "accuracy").splitlines()[2:]] == ["0.900", "0.400", "–", "0.600"]

@@ -314,9 +314,14 @@ def _paper_match(candidates, paper_row):
 def _same_radius(ours, paper):
     """Whether our radius ``ours`` is the paper row's ``paper`` as the paper writes it: equal at the decimals the
     paper's number gives, at most 6 (a paper's 0.031 is our 8/255 = 0.0314, its 0.03 too; a radius given as 8/255
-    matches to 6 decimals, as every radius did until 2026-12-07, when 0.031 read "–" beside our 8/255)."""
+    matches to 6 decimals, as every radius did until 2026-12-07, when 0.031 read "–" beside our 8/255). A radius of 0
+    (no attack's, a sweep's first) is only our 0, and ours must be nearer than half the paper's last decimal: the
+    paper's 0 stood beside our 8/255 and its 0.1 beside our 0.05 (one decimal) later on 2026-12-07."""
+    if not paper or not ours:
+        return ours == paper
     places = min(max(-decimal.Decimal(repr(float(paper))).as_tuple().exponent, 0), 6)
-    return round(ours, places) == round(paper, places)
+    gap = abs(decimal.Decimal(repr(float(ours))) - decimal.Decimal(repr(float(paper))))
+    return gap < decimal.Decimal(5).scaleb(-places - 1)
 
 
 def paper_rows_problem(func, paper):
