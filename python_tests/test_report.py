@@ -1271,3 +1271,21 @@ def test_paper_radius_of_0_or_a_half_decimal_away_is_not_ours():
     paper = [dict(paper[0], eps=eps) for eps in (0, 0.05, 0.049, 0.0314)]
     assert [line.rsplit("|", 2)[1].strip() for line in
             report.paper_comparison_table(rows, paper, "accuracy").splitlines()[2:]] == ["0.900", "0.400", "–", "0.600"]
+
+
+def test_write_results_refuses_notes_that_are_no_list_of_text(tmp_path):
+    """Since report.md shows results.json's notes (a559cdb), notes=3 stopped write_results in "'int' object is not
+    iterable", and a dict's keys were the notes (found by the revB helper). Each is now refused naming notes, before
+    anything is written; one text is one note."""
+    from robust_ops.evaluate import EvalError, write_results
+
+    info = DatasetInfo("d", 2, 1, 8, ("a", "b"), positive_class=1)
+    for notes in (3, True, {"a": "b"}, ["one", None]):
+        with pytest.raises(EvalError, match=r"^write_results: expected notes to be a list of text \(a note each\) or "
+                                            rf"None, got {re.escape(repr(notes))}$") as err:
+            write_results(tmp_path / "out", [dict(_CLEAN_ROW)], info, figures=False, notes=notes)
+        assert err.value.arg == "notes"
+    assert not (tmp_path / "out").exists()
+    for notes, bullets in (("one note", "- one note\n"), (("a", "b"), "- a\n- b\n")):
+        text = write_results(tmp_path / "out", [dict(_CLEAN_ROW)], info, figures=False, notes=notes)["report"]
+        assert f"## Notes\n\n{bullets}\n" in text.read_text()

@@ -1116,8 +1116,8 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
             dict nor None, one of their values (or of rows, paper, notes) is none of those JSON can hold (a set,
             an object: its ``arg`` the argument, the message naming the entry) or two of one dict's keys read the
             same as results.json's text keys (``1`` and ``"1"``), paper is no list of dicts each with a method,
-            attack and number eps (report.paper_rows_problem), two rows share a method,
-            attack, norm and eps, or ``saliency`` is not ``(models, x, y)`` with models a dict of modules, each
+            attack and number eps (report.paper_rows_problem), notes neither text, a list of text nor None, two
+            rows share a method, attack, norm and eps, or ``saliency`` is not ``(models, x, y)`` with models a dict of modules, each
             keyed by a method of the rows.
     """
     from . import report
@@ -1133,6 +1133,10 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
     problem = paper and report.paper_rows_problem("write_results", paper)  # report.md's comparison: a KeyError
     if problem:
         raise EvalError("paper", problem)
+    if not (notes is None or isinstance(notes, str) or isinstance(notes, (list, tuple))
+            and all(isinstance(n, str) for n in notes)):  # notes=3: "'int' object is not iterable" in report.md
+        raise EvalError("notes", f"write_results: expected notes to be a list of text (a note each) or None, got "
+                                 f"{notes!r:.60}")
     _check_out_dir(out_dir)
     saliency = _check_saliency(saliency, rows)
     doc = results_document(rows, info, config, device, paper, notes, extra_fields)
