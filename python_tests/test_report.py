@@ -1,6 +1,7 @@
 """Report formatting: radii, numbers, run marks, table layouts, figure titles, Grad-CAM and input-gradient maps."""
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -308,6 +309,10 @@ def test_a_figure_whose_name_ends_in_a_suffix_that_names_no_format_is_a_png_at_t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["acc_eps0.5", "fig.", "fig.SVG", "run.v2"]
     assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in ("acc_eps0.5", "fig.", "run.v2"))
     assert b"<svg" in (tmp_path / "fig.SVG").read_bytes()
+    # a bytes path's suffix names its format as a text path's does: matplotlib wrote b"fig.pdf" as a PNG (found by
+    # the mut55b helper)
+    assert report.plot_metric_vs_radius(rows, os.fsencode(tmp_path / "fig.pdf")) is True
+    assert (tmp_path / "fig.pdf").read_bytes().startswith(b"%PDF")
 
 
 def _doc(rows, synthetic=False, num_classes=2):
@@ -1269,8 +1274,8 @@ def test_paper_radius_of_0_or_a_half_decimal_away_is_not_ours():
     # a row of ours at 0 is the paper's 0, and our 0.05 a paper's 0.05, not its 0.049 (three decimals)
     rows.append({"method": "AT", "attack": "fgsm", "norm": "linf", "eps": 0.0, "n": 4, "accuracy": 0.9})
     paper = [dict(paper[0], eps=eps) for eps in (0, 0.05, 0.049, 0.0314)]
-    assert [line.rsplit("|", 2)[1].strip() for line in
-            report.paper_comparison_table(rows, paper, "accuracy").splitlines()[2:]] == ["0.900", "0.400", "–", "0.600"]
+    table = report.paper_comparison_table(rows, paper, "accuracy")
+    assert [line.rsplit("|", 2)[1].strip() for line in table.splitlines()[2:]] == ["0.900", "0.400", "–", "0.600"]
 
 
 def test_write_results_refuses_notes_that_are_no_list_of_text(tmp_path):

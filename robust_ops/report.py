@@ -556,16 +556,19 @@ def _figure(rows, cols, figsize, **kwargs):
 
 def _save(fig, path):
     """Write ``fig`` at ``path``: in the format its suffix names (".pdf", ".svg"), a PNG without one or with one that
-    names no format ("acc_eps0.5"). A path without
-    a suffix ("fig") was written to "fig.png" (matplotlib appends its default format) while True said it was at
-    "fig", and a file object (io.BytesIO) got whatever format rcParams["savefig.format"] names."""
+    names no format ("acc_eps0.5"). A path without a suffix ("fig") was written to "fig.png" (matplotlib appends its
+    default format) while True said it was at "fig", and a file object (io.BytesIO) got whatever format
+    rcParams["savefig.format"] names."""
     _wrap_titles(fig)
     fig.tight_layout()
     _hide_overlapping_tick_labels(fig)
     # a suffix that names no format ("acc_eps0.5", "fig.") is part of the name: matplotlib refused "Format '5' is not
     # supported", and wrote "fig." to "fig.png"
     suffix = os.path.splitext(os.fsdecode(path))[1][1:] if isinstance(path, (str, bytes, os.PathLike)) else ""
-    fig.savefig(path, dpi=110, format=None if suffix.lower() in fig.canvas.get_supported_filetypes() else "png")
+    # matplotlib reads no suffix from a bytes path (b"fig.pdf" was written as a PNG) and refuses one with a format
+    path = os.fsdecode(path) if isinstance(path, bytes) else path
+    suffix = suffix.lower()
+    fig.savefig(path, dpi=110, format=suffix if suffix in fig.canvas.get_supported_filetypes() else "png")
 
 
 def _hide_overlapping_tick_labels(fig):
