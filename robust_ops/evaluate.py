@@ -1117,8 +1117,8 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
             an object: its ``arg`` the argument, the message naming the entry) or two of one dict's keys read the
             same as results.json's text keys (``1`` and ``"1"``), paper is no list of dicts each with a method,
             attack and number eps (report.paper_rows_problem), notes neither text, a list of text nor None, two
-            rows share a method, attack, norm and eps, or ``saliency`` is not ``(models, x, y)`` with models a dict of modules, each
-            keyed by a method of the rows.
+            rows share a method, attack, norm and eps, or ``saliency`` is not ``(models, x, y)`` with models a dict
+            of modules, each keyed by a method of the rows.
     """
     from . import report
 
