@@ -6687,6 +6687,28 @@ def test_numpy_inputs_are_named_as_numpy_arrays():
     assert x_adv.shape == x.shape
 
 
+def test_float_labels_are_told_long_only_when_whole_and_a_list_the_one_conversion_that_works():
+    """Float labels holding 0.5 were told "class numbers stored as floats (0., 1., ...)? convert them with .long()",
+    which turns 0.5 into class 0 silently; a list of float labels was told torch.as_tensor(y), whose float tensor was
+    then refused for its dtype (found by the fix2 helper)."""
+    model, (x, y) = make_model(), make_data(2)
+    labels = r"^pgd: expected y to be an integer tensor of class labels, got "
+    soft = (r"; not class numbers \(0.5 is not whole\): soft labels or probabilities\? give each sample's class "
+            r"index, 0 to K-1$")
+    for given, kind in ((torch.tensor([0.5, 1.0]), "torch.float32"), (np.array([1.0, 0.5]), "<class 'numpy.ndarray'>"),
+                        ([0.5, 1.0], "<class 'list'>")):
+        with pytest.raises(TypeError, match=labels + re.escape(kind) + soft):
+            attacks.pgd(model, x, given, eps=0.03)
+    whole = [0.0, 1.0]
+    with pytest.raises(TypeError, match=labels + r"<class 'list'>; class numbers stored as floats \(0., 1., ...\)\? "
+                                                 r"convert them with torch.as_tensor\(y\).long\(\)$"):
+        attacks.pgd(model, x, whole, eps=0.03)
+    with pytest.raises(TypeError, match=labels + r"<class 'tuple'>; convert them with torch.as_tensor\(y\).long\(\) "
+                                                 r"\(False is class 0, True class 1\)$"):
+        attacks.pgd(model, x, (False, True), eps=0.03)
+    assert attacks.pgd(model, x, torch.as_tensor(whole).long(), eps=0.03, steps=1).shape == x.shape
+
+
 def test_inputs_and_labels_torch_as_tensor_cannot_convert_are_told_a_fix_that_does():
     """torch.as_tensor, the fix named for numpy or list inputs and labels, fails on a list of image tensors (a
     dataset's samples: "only one element tensors can be converted to Python scalars"), on class names (a list of

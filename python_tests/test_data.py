@@ -2984,13 +2984,19 @@ def test_npz_float_images_out_of_range_say_how_to_fix_them(tmp_path):
 
 
 def test_npz_float_labels_are_refused_not_truncated(tmp_path):
-    """Labels are class indices: float labels (1.5) would be truncated to 1 by the int64 cast without a word."""
+    """Labels are class indices: float labels (1.5) would be truncated to 1 by the int64 cast without a word. Whole
+    float labels are told .astype(np.int64); a 1.5 was told it too, which truncates it (found by the fix2 helper)."""
     labels = (np.arange(12) % 2).astype(np.float32)
-    labels[1] = 1.5
     with pytest.raises(DataError, match=r"t\.npz \[train\]: expected integer train_labels, got dtype float32; class "
                                         r"numbers stored as floats \(0\., 1\., \.\.\.\)\? convert them with "
                                         r"\.astype\(np\.int64\)$"):
         load_dataset(write_npz(tmp_path / "t.npz", train_labels=labels))
+    labels[1] = 1.5
+    with pytest.raises(DataError, match=r"s\.npz \[train\]: expected integer train_labels, got dtype float32; not "
+                                        r"class numbers \(1\.5 is not whole\): soft labels or probabilities\? give "
+                                        r"each sample's class index, 0 to K-1$"):
+        load_dataset(write_npz(tmp_path / "s.npz", train_labels=labels))
+
 
 def test_npz_one_hot_labels_are_told_the_argmax(tmp_path):
     """One-hot label rows (N, K) in an .npz were "expected train_labels of shape (N,) or (N, 1), got (12, 2)

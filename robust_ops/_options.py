@@ -136,8 +136,9 @@ def segmentation_masks(y):
 def label_dtype_fix(y, convert=".long()"):
     """The fix to append to a refusal of labels of ``y``'s dtype (a tensor, or a numpy array with ``convert``
     ".astype(np.int64)"): "; convert them with <convert>" for bool labels (False is class 0), and for float ones
-    stored class numbers; their argmax(1) for one-hot rows [N, K] (bool or float) or probability rows; for numpy
-    strings, class names mapped to indices; "" for other values (complex, not an array). Reads no values: the
+    stored class numbers (whole values; others are said to be no class numbers, which the conversion would truncate:
+    0.5 to 0); their argmax(1) for one-hot rows [N, K] (bool or float) or probability rows; for numpy strings, class
+    names mapped to indices; "" for other values (complex, not an array). Reads float labels' values only, on the
     refusal's path. Appended by the attacks' label check (attacks.context.check_class_labels), by class_labels
     (fit, evaluate, report, cross_validation) and by the .npz loader (data.core.labels_to_tensor)."""
     if torch.is_tensor(y):
@@ -154,6 +155,12 @@ def label_dtype_fix(y, convert=".long()"):
         return f"; convert them with {convert} (False is class 0, True class 1)"
     if not is_float:
         return ""
+    values = y.detach().reshape(-1) if torch.is_tensor(y) else torch.from_numpy(np.asarray(y, np.float64).reshape(-1))
+    if values.device.type != "meta":  # a meta tensor has no values to read
+        broken = values[~(values.isfinite() & (values == values.round()))]
+        if broken.numel():  # 0.5 would become class 0 silently: not class numbers
+            return (f"; not class numbers ({broken[0].item():g} is not whole): soft labels or probabilities? give "
+                    "each sample's class index, 0 to K-1")
     return f"; class numbers stored as floats (0., 1., ...)? convert them with {convert}"
 
 

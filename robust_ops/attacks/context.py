@@ -779,6 +779,11 @@ def _array_labels_fix(y):
         return "; class names? map each name to its index, 0 to K-1"
     if getattr(y, "dtype", None) == object:
         return "; convert them with torch.as_tensor(y.astype(np.int64))"
+    if isinstance(y, (list, tuple)):  # float or bool numbers: torch.as_tensor(y) alone was refused next for its dtype
+        try:
+            y = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError):
+            return "; convert them with torch.as_tensor(y)"
     return label_dtype_fix(y, "torch.as_tensor(y).long()") or "; convert them with torch.as_tensor(y)"
 
 
