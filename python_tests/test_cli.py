@@ -4715,6 +4715,23 @@ def test_a_folder_in_use_error_pickles_with_its_path_pid_notes_and_attributes(tm
         assert (copy_.__notes__, copy_.where) == (["from worker 2"], "fold 1")
 
 
+def test_an_argument_error_pickles_with_its_text_command_words_notes_and_attributes():
+    """run_protocol's ArgumentError, as EvalError: the default pickle rebuilt it from its message alone, "TypeError:
+    ArgumentError.__init__() missing 1 required positional argument: 'err'" (found by the fix2 helper)."""
+    import pickle
+
+    from robust_ops.cli import ArgumentError, CLIError
+
+    error = ArgumentError("run_protocol", CLIError("--lr: expected a finite learning rate > 0, got -1"), ("lr",))
+    error.add_note("from worker 2")
+    error.where = "fold 1"
+    copy_ = pickle.loads(pickle.dumps(error))
+    assert type(copy_) is ArgumentError and isinstance(copy_, ValueError)
+    said = "run_protocol: lr: expected a finite learning rate > 0, got -1"
+    assert (str(copy_), copy_.args) == (str(error), error.args) == (said, (said,))
+    assert (copy_.command_words, copy_.__notes__, copy_.where) == (error.command_words, ["from worker 2"], "fold 1")
+
+
 def _disk_full_at_fsync(monkeypatch, failing_call):
     """The files robust_ops writes find the disk full at their ``failing_call``-th fsync (1-based; NFS reports a full
     disk there, not at the write)."""

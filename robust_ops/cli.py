@@ -10,6 +10,7 @@ file can never run code, and a file that would need to is refused.
 
 import argparse
 import contextlib
+import copyreg
 import errno
 import functools
 import inspect
@@ -59,6 +60,12 @@ class ArgumentError(CLIError, ValueError):
         # another command's flag ("a train --out") stays
         flags = r"(?<![\w-])(?<!train )(?<!eval )(?<!demo )(?<!bench )--([a-z][a-z0-9-]*)"
         super().__init__(f"{func}: " + re.sub(flags, named, self.command_words))
+
+    def __reduce__(self):
+        # the default rebuilt ArgumentError(message) alone, a TypeError for the missing err (a worker process could
+        # not hand it to its parent): the text is rebuilt as it is, without __init__'s rewording, and the instance's
+        # __dict__ (command_words, __notes__, any attribute set on it) goes with it
+        return copyreg.__newobj__, (type(self), str(self)), self.__dict__
 
 
 class Parser(argparse.ArgumentParser):
