@@ -1453,6 +1453,30 @@ def test_16_bit_data_in_a_narrow_band_far_from_0_is_said(tmp_path):
     assert (float(x.min()), float(x.max())) == (0.0, 1.0) and len(torch.unique(x)) > 200
 
 
+@pytest.mark.parametrize("value", [40000, 1000])
+def test_16_bit_images_of_one_value_are_said_to_be_constant_not_told_an_offset_or_bit_depth(tmp_path, value):
+    """A 16-bit set whose every pixel held 40000 was told the narrow band's "save them with the offset subtracted,
+    np.clip(image.astype(np.int32) - 40000, 0, 255)", which makes them black, and one of 1000 the dark set's
+    bit_depth=10, which leaves them one grey; the same values in an .npz were told "(images.astype(np.float32) - lo) /
+    (hi - lo)", a division by zero. Each is said to be constant images (found by the fix2 helper)."""
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "s" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((8, 8), value, np.uint16)).save(tmp_path / "s" / c / f"{i}.png")
+    with pytest.warns(UserWarning, match=rf"s: every 16-bit image holds the one value {value} only \(blank or constant "
+                                         r"images\?\); no bit depth or offset gives them contrast -- check how the "
+                                         r"images were exported$") as caught:
+        load_dataset(tmp_path / "s", size=8)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    images = {f"{s}_images": np.full((k, 8, 8), value, np.uint16) for s, k in (("train", 12), ("val", 4), ("test", 6))}
+    with pytest.raises(DataError, match=rf"i\.npz \[train\]: expected uint8 or float images, got dtype uint16 with "
+                                        rf"values in \[{value}, {value}\]; every image holds the one value {value} "
+                                        r"\(blank or constant images\?\): check how they were exported$"):
+        load_dataset(write_npz(tmp_path / "i.npz", shape=(8, 8), **images))
+
+
 def test_bit_depth_scales_16_bit_files_by_the_bits_they_hold(tmp_path):
     """bit_depth=12 reads 12-bit data in 16-bit files on its own scale (4095 -> 255, no warning), refuses a value
     above it naming the file, and is recorded in the dataset's info; bit_depth=8 reads 8-bit values saved in 16 bits

@@ -233,6 +233,10 @@ def _integer_images_fix(images):
         return f"{got}; {BINARY_IMAGES_FIX}"
     if 0 <= lo and hi <= 255:
         return f"{got}: store them as uint8 (images.astype(np.uint8)), 0-255 pixels"
+    if lo == hi and not -10 <= lo < 0:  # the offset's and signed values' (x - lo) / (hi - lo) divided by zero and
+        # no scale reads them (-10 to -1: a z-score's "1 level left", whose pixels from before the normalization are
+        # the fix, as the z-scores' refusal says)
+        return f"{got}; every image holds the one value {lo} (blank or constant images?): check how they were exported"
     if 0 <= lo and hi > (1 << 14) - 1 and hi - lo <= NARROW_16_BIT_SPAN:  # a narrow band far from 0: "/ 65535"
         # kept it in [0.48, 0.55] (CT at +32768), where an eps of 8/255 is half the data's range (as the folder
         # loader warns of such a set, too bright to be told of as dark)

@@ -309,7 +309,11 @@ def _check_16_bit(stats, where, bit_depth=None, stacklevel=1):
                         "16 bits?); scaled from 16 bits they would all be black -- "
                         + (colour or "save them as 8-bit images or pass bit_depth=8"),
                         arg=None if colour else "bit_depth")
-    if "max16" in stats and stats["max16"] <= DARK_16_BIT_TOP:
+    if not colour and "min16" in stats and stats["min16"] == stats["max16"]:
+        # one value: the dark or narrow band's advice (an offset subtracted) left them black, nothing in them to read
+        warn(f"{where}: every 16-bit image holds the one value {stats['max16']:g} only (blank or constant images?); no "
+             "bit depth or offset gives them contrast -- check how the images were exported", stacklevel=stacklevel + 2)
+    elif "max16" in stats and stats["max16"] <= DARK_16_BIT_TOP:
         bits = int(stats["max16"]).bit_length()  # the fewest that hold the top: 10 for 1023, 12 for CT's 4095
         warn(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only ({bits}-bit data?); scaled "
              f"from the full 16-bit range they come out dark (at most {stats['max16'] / 257:.0f} of 255) -- "
