@@ -134,6 +134,10 @@ def _to_8bit(img, path, stats=None, bit_depth=None):
     if stats is not None:  # the loader refuses a set whose 16-bit images would all come out black
         stats["max16"] = max(stats.get("max16", 0.0), hi)
         stats["min16"] = min(stats.get("min16", lo), lo)  # and warns of one in a narrow band far from 0
+        # the band above a zero padding (a rotation's or resampling's fill), whose 0 hid it: one more pass (~8% of
+        # a PNG's decoding) over an image holding a 0 and values past the band's span (else none is far from 0)
+        low = float(arr[arr > 0].min()) if lo == 0 and hi > NARROW_16_BIT_SPAN else lo
+        stats["low16"] = min(stats.get("low16", low), low)
     if lo < 0 or hi > 65535 or img.mode == "F":
         from ..attacks.context import pixel_scale
 
@@ -271,8 +275,9 @@ def read_images(paths, size, mode, bit_depth=None):
     for _, own in done:
         if "max16" in own:
             stats["max16"] = max(stats.get("max16", 0.0), own["max16"])
-        if "min16" in own:
-            stats["min16"] = min(stats.get("min16", own["min16"]), own["min16"])
+        for key in ("min16", "low16"):
+            if key in own:
+                stats[key] = min(stats.get(key, own[key]), own[key])
         if own.get("colour16"):
             stats["colour16"] = True
         stats["max_side"] = max(stats.get("max_side", 0), own.get("side", 0))
@@ -319,12 +324,16 @@ def _check_16_bit(stats, where, bit_depth=None, stacklevel=1):
              f"from the full 16-bit range they come out dark (at most {stats['max16'] / 257:.0f} of 255) -- "
              + (colour or f"pass bit_depth={bits} (--bit-depth {bits}) to scale {(1 << bits) - 1} to 255"),
              stacklevel=stacklevel + 2)
-    elif "min16" in stats and not colour and stats["max16"] - stats["min16"] <= NARROW_16_BIT_SPAN:
-        # silent until 2026-12-07: 4096 levels of CT read as 16, far from dark
-        lo, hi = stats["min16"], stats["max16"]
+    elif "min16" in stats and not colour and (stats["max16"] - stats["min16"] <= NARROW_16_BIT_SPAN or (
+            stats["min16"] == 0 and stats["low16"] < stats["max16"] and
+            stats["max16"] - stats["low16"] <= NARROW_16_BIT_SPAN)):
+        # silent until 2026-12-07: 4096 levels of CT read as 16, far from dark; beside a zero padding silent until
+        # 2026-12-07 (a 0/65535 mask, one value above 0, is no band)
+        lo, hi = (stats["min16"] if stats["min16"] else stats["low16"]), stats["max16"]
+        padded = " and 0 (a padding?)" if lo != stats["min16"] else ""
         bits, levels = max(int(hi - lo).bit_length(), 8), round(hi / 257) - round(lo / 257) + 1
         # worded as the advice above, which eval drops on a run's own data (the fix is other data)
-        warn(f"{where}: every 16-bit image holds values in [{lo:g}, {hi:g}] only, an offset added to them, as "
+        warn(f"{where}: every 16-bit image holds values in [{lo:g}, {hi:g}]{padded} only, an offset added to them, as "
              f"MATLAB's im2uint16 adds 32768 to signed CT Hounsfield units ({bits}-bit data?); scaled from the full "
              f"16-bit range they keep {levels} of 256 grey levels -- save them with the offset subtracted, np.clip("
              f"image.astype(np.int32) - {lo:g}, 0, {(1 << bits) - 1}).astype(np.uint16) with one offset for every "
