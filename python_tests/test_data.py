@@ -1336,6 +1336,27 @@ def test_npz_integer_images_are_told_a_fix_that_keeps_their_values(tmp_path, dty
         assert len(torch.unique(x)) == len(np.unique(images["train_images"]))  # no two values merged
 
 
+def test_npz_16_bit_images_in_a_narrow_band_beside_a_zero_padding_are_told_the_band(tmp_path):
+    """uint16 CT at +32768 ([31744, 35839]) with a zero padding was told "16-bit intensities? ... / 65535", which
+    keeps the band in [0.48, 0.55] (the narrow band's rule read the whole range, [0, 35839]); it is told the band,
+    whose clipped shift loads with the padding at 0 (found by the fix2 helper)."""
+    rng = np.random.default_rng(5)
+    images = {f"{s}_images": rng.integers(31744, 35840, (k, 8, 8)).astype(np.uint16)
+              for s, k in (("train", 12), ("val", 4), ("test", 6))}
+    for a in images.values():
+        a[0, 4, :2] = 31744, 35839
+        a[:, :2] = 0
+    with pytest.raises(DataError, match=r"got dtype uint16 with values in \[0, 35839\]; 12-bit intensities with an "
+                                        r"offset added \(.*\), all but a padding of 0 in \[31744, 35839\]\? store them "
+                                        r"as floats in \[0, 1\], np\.clip\(\(images\.astype\(np\.float32\) - lo\) / "
+                                        r"\(hi - lo\), 0, 1\), lo and hi the lowest value above 0 and the highest of "
+                                        r"every split together$"):
+        load_dataset(write_npz(tmp_path / "p.npz", shape=(8, 8), **images))
+    fixed = {k: np.clip((v.astype(np.float32) - 31744) / 4095, 0, 1) for k, v in images.items()}
+    x = load_dataset(write_npz(tmp_path / "f.npz", shape=(8, 8), **fixed)).train.tensors[0]
+    assert (float(x.min()), float(x.max())) == (0.0, 1.0) and len(torch.unique(x)) > 32
+
+
 def test_npz_complex_images_are_told_to_store_their_magnitude(tmp_path):
     """Complex images (an MRI export's complex64) were told "convert them to uint8 (0-255) or to floats in [0, 1]",
     whose astype(np.float32) keeps the real part alone, signed, with numpy's ComplexWarning; they are told to store

@@ -242,6 +242,13 @@ def _integer_images_fix(images):
         # loader warns of such a set, too bright to be told of as dark)
         return (f"{got}; {max(hi - lo, 255).bit_length()}-bit intensities with an offset added (as MATLAB's im2uint16 "
                 f"adds 32768 to signed CT Hounsfield units)? store them as floats in [0, 1], {SHIFT_FIX}")
+    # a band far from 0 beside a zero padding (a rotation's fill): "/ 65535" kept it narrow; one more pass
+    low = int(images[images > 0].min()) if lo == 0 and hi > (1 << 14) - 1 else lo
+    if lo == 0 and hi > (1 << 14) - 1 and low < hi and hi - low <= NARROW_16_BIT_SPAN:
+        return (f"{got}; {max(hi - low, 255).bit_length()}-bit intensities with an offset added (as MATLAB's "
+                f"im2uint16 adds 32768 to signed CT Hounsfield units), all but a padding of 0 in [{low}, {hi}]? store "
+                "them as floats in [0, 1], np.clip((images.astype(np.float32) - lo) / (hi - lo), 0, 1), lo and hi the "
+                "lowest value above 0 and the highest of every split together")
     if 0 <= lo:
         bits = hi.bit_length()  # the fewest holding the top (10 for 1023), as the folder loader's warning names it
         return (f"{got}; {bits}-bit intensities? store them as floats in [0, 1], images.astype(np.float32) / "
