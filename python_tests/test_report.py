@@ -1294,3 +1294,14 @@ def test_write_results_refuses_notes_that_are_no_list_of_text(tmp_path):
     for notes, bullets in (("one note", "- one note\n"), (("a", "b"), "- a\n- b\n")):
         text = write_results(tmp_path / "out", [dict(_CLEAN_ROW)], info, figures=False, notes=notes)["report"]
         assert f"## Notes\n\n{bullets}\n" in text.read_text()
+
+
+def test_a_row_of_ours_at_a_nan_radius_matches_no_paper_row():
+    """The decimal radius match (c8f9b33) stopped paper_comparison_table in "decimal.InvalidOperation:
+    [<class 'decimal.InvalidOperation'>]" at a row of ours whose eps is NaN, where the row read "–" before (found by
+    the revC helper). A radius of ours that is no finite number matches no paper radius."""
+    rows = [{"method": "AT", "attack": "fgsm", "eps": eps, "n": 4, "accuracy": acc}
+            for eps, acc in ((float("nan"), 0.6), (float("inf"), 0.7), (0.03, 0.4))]
+    paper = [{"method": "AT", "attack": "FGSM", "eps": eps, "source": "T1", "accuracy": 0.5} for eps in (0.03, 0.5)]
+    lines = report.paper_comparison_table(rows, paper, ["accuracy"]).splitlines()
+    assert lines[2:] == ["| AT | FGSM | 0.03 | T1 | 0.500 | 0.400 |", "| AT | FGSM | 0.5 | T1 | 0.500 | – |"]

@@ -316,8 +316,9 @@ def _same_radius(ours, paper):
     paper's number gives, at most 6 (a paper's 0.031 is our 8/255 = 0.0314, its 0.03 too; a radius given as 8/255
     matches to 6 decimals, as every radius did until 2026-12-07, when 0.031 read "–" beside our 8/255). A radius of 0
     (no attack's, a sweep's first) is only our 0, and ours must be nearer than half the paper's last decimal: the
-    paper's 0 stood beside our 8/255 and its 0.1 beside our 0.05 (one decimal) later on 2026-12-07."""
-    if not paper or not ours:
+    paper's 0 stood beside our 8/255 and its 0.1 beside our 0.05 (one decimal) later on 2026-12-07. A radius of ours
+    that is no finite number (NaN) is no paper's: it stopped paper_comparison_table in decimal.InvalidOperation."""
+    if not paper or not ours or not math.isfinite(ours):  # a NaN radius of ours: decimal's InvalidOperation
         return ours == paper
     places = min(max(-decimal.Decimal(repr(float(paper))).as_tuple().exponent, 0), 6)
     gap = abs(decimal.Decimal(repr(float(ours))) - decimal.Decimal(repr(float(paper))))
