@@ -1305,3 +1305,17 @@ def test_a_row_of_ours_at_a_nan_radius_matches_no_paper_row():
     paper = [{"method": "AT", "attack": "FGSM", "eps": eps, "source": "T1", "accuracy": 0.5} for eps in (0.03, 0.5)]
     lines = report.paper_comparison_table(rows, paper, ["accuracy"]).splitlines()
     assert lines[2:] == ["| AT | FGSM | 0.03 | T1 | 0.500 | 0.400 |", "| AT | FGSM | 0.5 | T1 | 0.500 | – |"]
+
+
+def test_a_figure_at_a_pathlike_naming_bytes_is_written_in_its_suffix_format(tmp_path):
+    """9dcac2e decoded a bytes path but not an os.PathLike whose __fspath__ gives bytes, which matplotlib, told the
+    format, refused with "fname must be a PathLike or file handle", though it is one (found by the revC helper)."""
+    rows = [{"method": "AT", "attack": "pgd", "norm": "linf", "eps": eps, "n": 4, "accuracy": acc}
+            for eps, acc in ((0.0, 0.9), (0.03, 0.5))]
+
+    class BytesPath(os.PathLike):
+        def __fspath__(self):
+            return os.fsencode(tmp_path / "fig.pdf")
+
+    assert report.plot_metric_vs_radius(rows, BytesPath()) is True
+    assert (tmp_path / "fig.pdf").read_bytes().startswith(b"%PDF")

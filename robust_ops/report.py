@@ -565,10 +565,10 @@ def _save(fig, path):
     _hide_overlapping_tick_labels(fig)
     # a suffix that names no format ("acc_eps0.5", "fig.") is part of the name: matplotlib refused "Format '5' is not
     # supported", and wrote "fig." to "fig.png"
-    suffix = os.path.splitext(os.fsdecode(path))[1][1:] if isinstance(path, (str, bytes, os.PathLike)) else ""
-    # matplotlib reads no suffix from a bytes path (b"fig.pdf" was written as a PNG) and refuses one with a format
-    path = os.fsdecode(path) if isinstance(path, bytes) else path
-    suffix = suffix.lower()
+    # matplotlib reads no suffix from a bytes path (b"fig.pdf" was written as a PNG) and refuses one with a format, a
+    # PathLike naming bytes too ("fname must be a PathLike or file handle")
+    path = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else path
+    suffix = os.path.splitext(path)[1][1:].lower() if isinstance(path, str) else ""
     fig.savefig(path, dpi=110, format=suffix if suffix in fig.canvas.get_supported_filetypes() else "png")
 
 
