@@ -6728,6 +6728,12 @@ def test_inputs_and_labels_torch_as_tensor_cannot_convert_are_told_a_fix_that_do
     with pytest.raises(TypeError, match=labels + r"<class 'numpy.ndarray'>; convert them with "
                                                  r"torch.as_tensor\(y.astype\(np.int64\)\)$"):
         attacks.pgd(model, x, objects, eps=0.03)
+    # lists torch.as_tensor cannot convert were told that same call (found by the revC helper): its error is named
+    for given, says in (([None] * len(y), "Could not infer dtype of NoneType"),
+                        ([[1], [1, 2]] + [[0]] * (len(y) - 2), "expected sequence of length 1 at dim 1 (got 2)")):
+        with pytest.raises(TypeError, match=labels + r"<class 'list'>; they are no list of class numbers "
+                                                     rf"\(torch.as_tensor\(y\) says: {re.escape(says)}\)$"):
+            attacks.pgd(model, x, given, eps=0.03)
     # each fix converts
     x_adv = attacks.pgd(model, torch.stack(list(x)), torch.as_tensor(objects.astype(np.int64)), eps=0.03, steps=1)
     assert x_adv.shape == x.shape

@@ -782,8 +782,8 @@ def _array_labels_fix(y):
     if isinstance(y, (list, tuple)):  # float or bool numbers: torch.as_tensor(y) alone was refused next for its dtype
         try:
             y = torch.as_tensor(y)
-        except (TypeError, ValueError, RuntimeError):
-            return "; convert them with torch.as_tensor(y)"
+        except (TypeError, ValueError, RuntimeError) as err:  # [None, None], ragged rows, 2**70: told the same call
+            return f"; they are no list of class numbers (torch.as_tensor(y) says: {str(err).splitlines()[0]})"
     return label_dtype_fix(y, "torch.as_tensor(y).long()") or "; convert them with torch.as_tensor(y)"
 
 
