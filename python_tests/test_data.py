@@ -3892,3 +3892,26 @@ def test_npz_class_names_key_names_the_classes(tmp_path):
     with pytest.raises(DataError, match=r"class_names \(a, b\) differ from pneumoniamnist's own \(normal, pneumonia\); "
                                         r"save the file without class_names, or rename it"):
         mm.load_npz(write_npz(tmp_path / "p.npz", class_names=np.array(["a", "b"])), name="pneumoniamnist")
+
+
+def test_busi_a_broken_link_named_with_a_dot_is_said_as_a_class_folder(tmp_path):
+    """A broken link to a class folder named with a dot (bcc.v2, as a real folder so named is a class) was taken for
+    a file and its class left out without a word; classes= naming it said 'not found (found: mel, nv)'. Links named
+    as files (notes.txt, x.png, labels.csv) are still no class."""
+    for c in ("mel", "nv"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            _png(tmp_path / c / f"{i}.png", (8, 8), 10 * i)
+    for name in ("notes.txt", "x.png", "labels.csv", "scan.nii.gz"):
+        (tmp_path / name).symlink_to(tmp_path / "gone" / name)
+    (tmp_path / "bcc.v2").symlink_to(tmp_path / "gone" / "bcc.v2")
+    link = re.escape(f"{tmp_path / 'bcc.v2'}: a link to {tmp_path / 'gone' / 'bcc.v2'}, which does not exist")
+    with pytest.raises(DataError, match=rf"^{link}.*, or leave it out with classes= \(--classes mel,nv\)$"):
+        load_dataset(tmp_path, size=8)
+    with pytest.raises(DataError, match=rf"^{link}.*remove the link$"):
+        load_dataset(tmp_path, size=8, classes=("bcc.v2", "mel", "nv"))
+    (tmp_path / "bcc.v2").unlink()
+    (tmp_path / "bcc.v2").mkdir()
+    for i in range(10):
+        _png(tmp_path / "bcc.v2" / f"{i}.png", (8, 8), 5 * i)
+    assert load_dataset(tmp_path, size=8).info.class_names == ("bcc.v2", "mel", "nv")

@@ -10,6 +10,7 @@ import csv
 import filecmp
 import functools
 import hashlib
+import mimetypes
 import numbers
 import os
 import re
@@ -240,6 +241,19 @@ def _broken_link(path):
     """The error for a symbolic link whose target is gone (a class folder or image on a drive not mounted)."""
     return (f"{path}: a link to {os.readlink(path)}, which does not exist (a drive not mounted, or the target moved?); "
             "restore its target or remove the link")
+
+
+@functools.lru_cache(maxsize=None)
+def _file_types():
+    """Python's own table of file types by suffix (not the system's, which differs between machines)."""
+    return mimetypes.MimeTypes()
+
+
+def _names_a_file(name):
+    """Whether ``name`` ends in a file type's suffix (an image's, notes.txt, labels.csv): a broken link so named is no
+    class folder, where one named bcc.v2 (a dot in a class's name, no file type's suffix) may be."""
+    return (name.lower().endswith(IMAGE_SUFFIXES + OTHER_IMAGE_SUFFIXES)
+            or _file_types().guess_type(name) != (None, None))
 
 
 def _has_colour(img):
@@ -589,8 +603,8 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
     subdirs, dead = {}, {}
     for p in sorted(folder.iterdir()):
         # a link to a class folder that is gone: its class left out without a word until 2026-12-07 (a file's, named
-        # with a suffix, is no class)
-        if not p.suffix and p.is_symlink() and not p.exists() and not is_hidden(p):
+        # with a file type's suffix, is no class; one named bcc.v2 was taken for a file until later on 2026-12-07)
+        if p.is_symlink() and not p.exists() and not is_hidden(p) and not _names_a_file(p.name):
             dead[p.name.lower()] = p
         if p.is_dir() and not is_hidden(p):
             if p.name.lower() in subdirs:  # one of them would be dropped silently
