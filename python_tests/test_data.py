@@ -1266,6 +1266,16 @@ def test_an_empty_image_file_is_said_to_be_empty(tmp_path):
         load_dataset(tmp_path, size=8)
 
 
+def _assert_csv_reads_each_of_20_images(tmp_path, ids):
+    """meta.csv of ``ids`` (classes mel and nv in turn) reads each of the 20 images, the i-th of value 8 * i, once."""
+    rows = [f"{image_id},{'mel' if i % 2 else 'nv'}" for i, image_id in enumerate(ids)]
+    (tmp_path / "meta.csv").write_text("image_id,dx\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    s = load_dataset(tmp_path / "meta.csv", size=8)
+    assert s.info.extra["class_counts"] == {"mel": 10, "nv": 10}
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+    assert sorted(round(float(v) * 255) for v in x[:, 0, 4, 4]) == [8 * i for i in range(20)]
+
+
 def test_csv_ids_match_files_named_in_the_other_unicode_form(tmp_path):
     """CSV ids typed composed (NFC, 'lésion 0') name the files macOS's zip wrote decomposed (NFD): as a name with
     or without its extension, or a path relative to the CSV's folder; they were 'listed but not found'."""
@@ -1277,12 +1287,24 @@ def test_csv_ids_match_files_named_in_the_other_unicode_form(tmp_path):
         name = f"l\u00e9sion {i}"
         _png(tmp_path / "imgs" / f"{unicodedata.normalize('NFD', name)}.jpg", (8, 8), 8 * i, mode="RGB")
         ids.append([name, f"{name}.jpg", f"imgs/{name}.jpg", f"imgs/{name}"][i % 4])
-    rows = [f"{image_id},{'mel' if i % 2 else 'nv'}" for i, image_id in enumerate(ids)]
-    (tmp_path / "meta.csv").write_text("image_id,dx\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    s = load_dataset(tmp_path / "meta.csv", size=8)
-    assert s.info.extra["class_counts"] == {"mel": 10, "nv": 10}
-    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
-    assert sorted(round(float(v) * 255) for v in x[:, 0, 4, 4]) == [8 * i for i in range(20)]
+    _assert_csv_reads_each_of_20_images(tmp_path, ids)
+
+
+def test_csv_ids_match_folders_named_in_the_other_unicode_form(tmp_path):
+    """CSV ids typed composed ('lésions/0.png', 'derm/lésions/1') name the files in folders macOS's zip named
+    decomposed (NFD): they were '20 image(s) listed but not found', the file names alone compared composed. The
+    ids are kept as written."""
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "l\u00e9sions")
+    for folder in (tmp_path / nfd, tmp_path / "derm" / nfd):
+        folder.mkdir(parents=True)
+    ids = []
+    for i in range(20):
+        folder = (tmp_path / nfd) if i % 2 else (tmp_path / "derm" / nfd)
+        _png(folder / unicodedata.normalize("NFD", f"\u00e9 {i}.png"), (8, 8), 8 * i)
+        ids.append(("l\u00e9sions" if i % 2 else "derm/l\u00e9sions") + f"/\u00e9 {i}" + (".png" if i % 4 < 2 else ""))
+    _assert_csv_reads_each_of_20_images(tmp_path, ids)
 
 
 def test_csv_header_spaces_suffix_case_seed_and_class_count(tmp_path):

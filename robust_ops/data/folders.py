@@ -376,6 +376,27 @@ def _images_by_stem(folder):
     return stems
 
 
+def _folder_in_other_form(root, rel, folders):
+    """The folder ``root/rel`` where ``rel``'s folders are named in the other Unicode form (lésions/ typed composed,
+    named decomposed by macOS's zip; :func:`_composed`), each folder compared composed where no folder has the name as
+    written; ``root/rel`` where none matches. ``folders`` (a dict kept by the caller) holds those found, by ``rel``."""
+    if rel not in folders:
+        here = root
+        for part in PurePosixPath(rel).parts:
+            if not (here / part).is_dir():
+                try:
+                    same = sorted(q for q in here.iterdir() if _composed(q.name) == _composed(part) and q.is_dir())
+                except OSError:
+                    same = []
+                if not same:
+                    here = root / rel
+                    break
+                part = same[0].name
+            here = here / part
+        folders[rel] = here
+    return folders[rel]
+
+
 def _path_in_other_case(root, rel):
     """The file under ``root`` that the relative path ``rel`` names in other case (Images/CASE000.PNG for
     images/case000.png), as a path relative to ``root`` (without its extension where ``rel`` has none, as the lookup
@@ -936,10 +957,15 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     root = Path(image_dir) if image_dir else csv_path.parent
     index = {}
     listed = {}  # a folder's image files by stem, for the ids without extension: each folder listed once
+    forms = {}  # the folders of ids naming them in the other Unicode form, each found once
     # an id naming a file by its path, relative to root (pat1/view1.png, CheXpert's layout): such ids were told to be
     # stripped to file names, which then repeated (view1 of every patient) and were refused as listed twice
     for image_id in {image_id for image_id, _ in kept if "/" in image_id or "\\" in image_id}:
         p = root / image_id.replace("\\", "/")
+        rel = PurePosixPath(image_id.replace("\\", "/")).parent
+        if not rel.is_absolute():  # its folders named in the other Unicode form: "listed but not found" until
+            # later on 2026-12-07, where the file names alone were compared composed
+            p = _folder_in_other_form(root, rel.as_posix(), forms) / p.name
         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
             found = [p]
         else:  # a path without its extension (pat1/view1), as a name is given, or with it in other case
