@@ -1158,7 +1158,7 @@ def test_an_empty_class_folder_names_the_way_out(tmp_path):
         load_dataset(tmp_path, size=8)
     assert err.value.arg is None  # the data's fault: no --classes was given
     with pytest.raises(DataError, match=r"normal: no images found; put its images there \(\.png, \.jpg, \.jpeg, "
-                                        r"\.bmp, \.tif, \.tiff files\)$") as err:
+                                        r"\.jfif, \.jpe, \.bmp, \.tif, \.tiff files\)$") as err:
         load_dataset(tmp_path, size=8, classes=("benign", "normal"))
     assert err.value.arg == "classes"
     with pytest.raises(DataError, match=r"normal: no images found; leave it out with classes= \(--classes "
@@ -2777,12 +2777,12 @@ def test_busi_32_bit_integer_images_share_one_scale(tmp_path):
 
 
 def test_busi_jfif_nifti_gz_and_other_image_files_are_errors_not_skipped(tmp_path):
-    """A .jfif (a JPEG as browsers save it), .avif or .nii.gz file in a class folder was skipped silently, though
-    the docs say other image files are errors; .nii.gz matched neither list (its suffix is .gz)."""
+    """A .jif, .avif or .nii.gz file in a class folder was skipped silently, though the docs say other image files
+    are errors; .nii.gz matched neither list (its suffix is .gz). (.jfif and .jpe, JPEGs, are read.)"""
     import shutil as _shutil
 
     root = _class_folders(tmp_path / "d")
-    for name in ("x.jfif", "scan.nii.gz", "x.avif", "x.JPE"):
+    for name in ("x.jif", "scan.nii.gz", "x.avif", "x.JXL"):
         _shutil.copy(root / "benign" / "0.png", root / "benign" / name)
         suffix = name[name.index("."):].lower()
         with pytest.raises(DataError, match=rf"benign/{name.replace('.', '[.]')}: {suffix.replace('.', '[.]')} files "
@@ -2793,6 +2793,21 @@ def test_busi_jfif_nifti_gz_and_other_image_files_are_errors_not_skipped(tmp_pat
     _shutil.copy(root / "benign" / "0.png", root / "benign" / "patient7" / "scan.nii.gz")
     with pytest.raises(DataError, match=r"benign/patient7: a subfolder holding images; only the images directly in"):
         load_dataset(root, size=8)
+
+
+def test_jfif_and_jpe_files_are_read_as_the_jpegs_they_are(tmp_path):
+    """.jfif (a JPEG as browsers save it) and .jpe files, which Pillow reads as JPEGs, were refused as other image
+    files ("convert it"); they are read, in class folders and by a CSV's ids with or without the extension."""
+    from PIL import Image
+
+    ids = []
+    for i in range(20):
+        c, name = ("mel", f"m{i}.jfif") if i % 2 else ("nv", f"n{i}.JPE")
+        (tmp_path / c).mkdir(exist_ok=True)
+        Image.fromarray(np.full((8, 8), 8 * i, np.uint8)).save(tmp_path / c / name, format="JPEG", quality=100)
+        ids.append(f"{c}/{name}" if i % 4 < 2 else Path(name).stem)
+    assert load_dataset(tmp_path, size=8).info.extra["class_counts"] == {"mel": 10, "nv": 10}
+    _assert_csv_reads_each_of_20_images(tmp_path, ids)
 
 
 def test_generated_sets_refuse_non_integer_sizes_seeds_and_counts_by_name():

@@ -27,10 +27,12 @@ from .._warn import warn
 from .core import (NARROW_16_BIT_SPAN, DataError, DatasetInfo, check_images_fit, check_sklearn_seed,
                    splits_from_arrays)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# .jfif and .jpe are JPEGs (Pillow reads them as its JPEG format, .jfif as browsers save one): refused as other image
+# files, "convert it", until later on 2026-12-07
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".tif", ".tiff")
 # Image files this loader does not read: refused, so a class folder is never silently smaller than it looks.
 OTHER_IMAGE_SUFFIXES = (".gif", ".webp", ".jp2", ".j2k", ".heic", ".pgm", ".ppm", ".pnm", ".dcm", ".dicom", ".nii",
-                        ".nrrd", ".mha", ".jfif", ".jpe", ".jif", ".jpx", ".jpf", ".avif", ".heif", ".jxl", ".apng",
+                        ".nrrd", ".mha", ".jif", ".jpx", ".jpf", ".avif", ".heif", ".jxl", ".apng",
                         ".dib", ".tga", ".ico", ".psd", ".svg", ".qoi", ".pbm", ".pfm", ".exr", ".hdr", ".img",
                         ".ima", ".mhd", ".nhdr", ".mnc", ".nii.gz", ".svs", ".ndpi", ".czi")
 BUSI_ORDER = ("benign", "malignant", "normal")
