@@ -2810,6 +2810,21 @@ def test_jfif_and_jpe_files_are_read_as_the_jpegs_they_are(tmp_path):
     _assert_csv_reads_each_of_20_images(tmp_path, ids)
 
 
+@pytest.mark.parametrize("suffix,fmt", [(".mpo", "JPEG"), (".JPC", "JPEG2000"), (".pcx", "PCX"), (".fits", None)])
+def test_busi_image_files_pillow_opens_in_other_formats_are_errors_not_skipped(tmp_path, suffix, fmt):
+    """A camera's .mpo (a multi-picture JPEG), a .jpc JPEG 2000 codestream, a .pcx or .fits image in a class folder,
+    each a file Pillow opens, was skipped without a word (its class silently smaller)."""
+    from PIL import Image
+
+    root = _class_folders(tmp_path / "d")
+    if fmt is None:
+        (root / "benign" / f"x{suffix}").write_bytes(b"SIMPLE  =                    T")
+    else:
+        Image.fromarray(np.full((8, 8), 9, np.uint8)).save(root / "benign" / f"x{suffix}", format=fmt)
+    with pytest.raises(DataError, match=rf"benign/x\{suffix}: \{suffix.lower()} files are not read \(expected \.png, "):
+        load_dataset(root, size=8)
+
+
 def test_generated_sets_refuse_non_integer_sizes_seeds_and_counts_by_name():
     # "'<' not supported between instances of 'str' and 'int'", numpy's and scikit-learn's errors (naming make_moons'
     # n_samples), or silently: seed=True as 1, sizes=0 as the defaults, n_train=True as one point, noise=True as 1

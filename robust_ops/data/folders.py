@@ -34,7 +34,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".tif", ".ti
 OTHER_IMAGE_SUFFIXES = (".gif", ".webp", ".jp2", ".j2k", ".heic", ".pgm", ".ppm", ".pnm", ".dcm", ".dicom", ".nii",
                         ".nrrd", ".mha", ".jif", ".jpx", ".jpf", ".avif", ".heif", ".jxl", ".apng",
                         ".dib", ".tga", ".ico", ".psd", ".svg", ".qoi", ".pbm", ".pfm", ".exr", ".hdr", ".img",
-                        ".ima", ".mhd", ".nhdr", ".mnc", ".nii.gz", ".svs", ".ndpi", ".czi")
+                        ".ima", ".mhd", ".nhdr", ".mnc", ".nii.gz", ".svs", ".ndpi", ".czi",
+                        # more that Pillow opens, skipped without a word until later on 2026-12-07: a camera's
+                        # multi-picture JPEG, JPEG 2000 codestreams, astronomy's and older raster formats
+                        ".mpo", ".j2c", ".jpc", ".pcx", ".dcx", ".sgi", ".rgb", ".bw", ".fits", ".fit", ".ras", ".xbm",
+                        ".xpm", ".icns", ".cur", ".dds", ".avifs", ".pcd")
 BUSI_ORDER = ("benign", "malignant", "normal")
 # Folder names of a split made beforehand (Kaggle's ISIC sets: Train/<class>/, Test/<class>/): read as classes, their
 # class folders were "a subfolder holding images", whose advice (move them up) made one class of each split.
