@@ -3967,3 +3967,19 @@ def test_busi_a_broken_link_named_with_a_dot_is_said_as_a_class_folder(tmp_path)
     for i in range(10):
         _png(tmp_path / "bcc.v2" / f"{i}.png", (8, 8), 5 * i)
     assert load_dataset(tmp_path, size=8).info.class_names == ("bcc.v2", "mel", "nv")
+
+
+
+def test_busi_a_broken_link_named_in_the_other_unicode_form_is_said_when_classes_names_it(tmp_path):
+    """classes= typing a broken class-folder link's name composed (NFC) where macOS wrote it decomposed (NFD) said
+    'class folder(s) mélanome not found (found: mel, nv)' of a link the user sees."""
+    import unicodedata
+
+    for c in ("mel", "nv"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            _png(tmp_path / c / f"{i}.png", (8, 8), 10 * i)
+    link = tmp_path / unicodedata.normalize("NFD", "m\u00e9lanome")
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(link))}: a link to .*remove the link$"):
+        load_dataset(tmp_path, size=8, classes=("m\u00e9lanome", "mel"))

@@ -632,7 +632,7 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
         # a link to a class folder that is gone: its class left out without a word until 2026-12-07 (a file's, named
         # with a file type's suffix, is no class; one named bcc.v2 was taken for a file until later on 2026-12-07)
         if p.is_symlink() and not p.exists() and not is_hidden(p) and not _names_a_file(p.name):
-            dead[p.name.lower()] = p
+            dead[_composed(p.name.lower())] = p  # composed: classes= typing its name in the other Unicode form
         if p.is_dir() and not is_hidden(p):
             if p.name.lower() in subdirs:  # one of them would be dropped silently
                 raise DataError(f"{folder}: class folders {subdirs[p.name.lower()].name} and {p.name} differ only "
@@ -669,8 +669,8 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
                             f"class ({folder}/<class>/) and pass that folder")
 
     missing = [c for c in classes if c not in subdirs]
-    if any(c in dead for c in missing):  # "not found (found: ...)" of a folder the user sees
-        raise DataError(_broken_link(dead[next(c for c in missing if c in dead)]))
+    if any(_composed(c) in dead for c in missing):  # "not found (found: ...)" of a folder the user sees
+        raise DataError(_broken_link(dead[next(_composed(c) for c in missing if _composed(c) in dead)]))
     if missing:
         # `--classes melanoma,nevus` of isic/Train/melanoma/ ... said "class folder(s) melanoma, nevus not found
         # (found: test, train)"
