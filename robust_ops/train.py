@@ -562,24 +562,26 @@ def weights_module(model):
     nn.DataParallel's ``module``. The wrappers' state dicts and module names carry an "_orig_mod." ("module.")
     prefix, so their checkpoints did not load into the plain architecture (nor resume without the wrapper, or with
     it from a plain run)."""
-    for _ in range(8):  # a compiled DataParallel, a DataParallel of a compiled model ...
+    *_, inner = _wrapped_modules(model)
+    return inner
+
+
+def _wrapped_modules(model):
+    """``model``, then each module it wraps in turn (a compiled DataParallel, a DataParallel of a compiled model ...):
+    an nn.DataParallel's ``module``, a torch.compile'd model's own module."""
+    for _ in range(8):
+        yield model
         inner = model.module if isinstance(model, nn.DataParallel) else getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
-            return model
+            return
         model = inner
-    return model
+    yield model
 
 
 def _in_data_parallel(model):
     """Whether ``model`` is an nn.DataParallel or a torch.compile'd one: its checkpoints fit wrote before 2026-12-07
     prefix every name with "module." (read without it)."""
-    for _ in range(8):
-        if isinstance(model, nn.DataParallel):
-            return True
-        model = getattr(model, "_orig_mod", None)
-        if not isinstance(model, nn.Module):
-            return False
-    return False
+    return any(isinstance(m, nn.DataParallel) for m in _wrapped_modules(model))
 
 
 def load_weights(model, path, map_location="cpu"):
