@@ -1306,8 +1306,6 @@ def _peer_lost(err):
     """Under torchrun, gloo's words (``Connection reset by peer``) where ``err`` is the error of a collective whose
     other process is gone without recording an error for fit to read (killed outright: SIGKILL, the out-of-memory
     killer); None for any other error, which keeps its own words or traceback."""
-    import re
-
     found = re.search(r"Connection (?:reset|closed) by peer", str(err)) if isinstance(err, RuntimeError) else None
     return found.group(0) if found and "gloo" in str(err) and launched_processes() > 1 else None
 

@@ -8,6 +8,7 @@ pipeline end to end; its numbers mean nothing.
 """
 
 import functools
+import inspect
 import json
 import math
 import numbers
@@ -438,8 +439,6 @@ QUICK_STEPS = 5
 def _own_seed(name):
     """The seed attack ``name`` draws from by default when it has one of its own (noise's, Square's, APGD's, FAB's:
     0), else None (PGD's random start: evaluate's seeded RNG)."""
-    import inspect
-
     from . import attacks
 
     cls, defaults = attacks.attack_entry(name)
@@ -825,8 +824,6 @@ def _in_argument_words(func):
     a resume conflict's ``... or use another --out``) raised as cli.ArgumentError: a ValueError naming ``func``'s
     arguments (``run_protocol: seeds: ...``, ``... or use another out``), which `robust-ops reproduce` prints in its
     flags. Only the checks of its counts, lr and out were converted until 2026-12-07."""
-    import inspect
-
     arguments = tuple(inspect.signature(func).parameters)
 
     @functools.wraps(func)

@@ -647,11 +647,11 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
     # a name typed composed (NFC, as keyboards write "é") matches a folder whose name macOS wrote decomposed (NFD,
     # "e" + U+0301, kept by its zips), or the other way: refused until 2026-12-07 as 'class folder(s) mélanome not
     # found (found: mélanome, ...)'. The folder's own form is the class name, as without classes=
-    composed = {unicodedata.normalize("NFC", c): c for c in subdirs}
+    composed = {_composed(c): c for c in subdirs}
 
     def fold(name):
         name = name.lower()
-        return name if name in subdirs else composed.get(unicodedata.normalize("NFC", name), name)
+        return name if name in subdirs else composed.get(_composed(name), name)
 
     classes = _class_list(classes, f"load_busi({folder})", fold=fold)
 
