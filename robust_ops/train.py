@@ -520,14 +520,14 @@ def _fit_checkpoint(name, path, map_location, entries=tuple(_RESUME_ENTRIES)):
             raise ValueError(f"{name}: {path} holds the weights of a run's best epoch only ({BEST_MODEL_NAME}), not "
                              f"a checkpoint to resume; resume from the run's {CHECKPOINT_NAME}")
         raise ValueError(f"{name}: {path} is not a whole robust_ops fit checkpoint: {why} (damaged or edited)")
-    return _without_compiled_prefix(state)
+    return _without_wrapper_prefix(state)
 
 
 _COMPILED_PREFIX = "_orig_mod."  # what a torch.compile'd model's wrapper puts before its module's names
 _DATA_PARALLEL_PREFIX = "module."  # nn.DataParallel's
 
 
-def _without_compiled_prefix(state, prefix=_COMPILED_PREFIX):
+def _without_wrapper_prefix(state, prefix=_COMPILED_PREFIX):
     """A checkpoint fit wrote for a torch.compile'd model before 2026-12-06 (for an nn.DataParallel before
     2026-12-07: ``prefix`` "module.") named every weight, drop-max layer and warm-up parameter with the wrapper's
     prefix: read with the model's own names, as fit writes them now (weights_module)."""
@@ -597,7 +597,7 @@ def load_weights(model, path, map_location="cpu"):
     """
     state = _fit_checkpoint("load_weights", path, map_location, entries=("model",))
     if _in_data_parallel(model):
-        state = _without_compiled_prefix(state, _DATA_PARALLEL_PREFIX)
+        state = _without_wrapper_prefix(state, _DATA_PARALLEL_PREFIX)
     mismatch = drop_max_mismatch(model, state)
     if mismatch is not None:
         raise ValueError(f"load_weights: {path} {mismatch}; rebuild the trained architecture "
@@ -1449,7 +1449,7 @@ def fit(
             try:
                 state = _fit_checkpoint(name, resume_path, device)  # _set_rng_state takes the RNG states back to CPU
                 if _in_data_parallel(model):
-                    state = _without_compiled_prefix(state, _DATA_PARALLEL_PREFIX)
+                    state = _without_wrapper_prefix(state, _DATA_PARALLEL_PREFIX)
             except ValueError as err:
                 resume_error = err
 
